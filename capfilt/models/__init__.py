@@ -1,0 +1,35 @@
+"""Model families behind the captioner and filter interfaces, chosen from the checkpoint's `model_type`."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig
+
+from capfilt.errors import ModelLoadError
+from capfilt.models.base import Captioner, CaptionScores, DecodingSettings, Filter
+from capfilt.models.blip import BlipCaptioner, BlipFilter
+from capfilt.models.loading import load_pretrained
+
+CAPTIONERS: dict[str, type[Captioner]] = {"blip": BlipCaptioner}
+FILTERS: dict[str, type[Filter]] = {"blip": BlipFilter}
+
+__all__ = ["Captioner", "CaptionScores", "DecodingSettings", "Filter", "load_captioner", "load_filter"]
+
+
+def model_family(model_id: str, role: str, families: dict) -> str:
+    model_type = load_pretrained(AutoConfig, model_id, role).model_type
+    if model_type not in families:
+        raise ModelLoadError(
+            f"the {role} {model_id} is a '{model_type}' model; capfilt supports: {', '.join(sorted(families))}"
+        )
+    return model_type
+
+
+def load_captioner(model_id: str, settings: DecodingSettings, device: str, dtype: torch.dtype) -> Captioner:
+    family = model_family(model_id, "captioner", CAPTIONERS)
+    return CAPTIONERS[family](model_id, settings, device, dtype)
+
+
+def load_filter(model_id: str, device: str, dtype: torch.dtype, text_max_tokens: int) -> Filter:
+    family = model_family(model_id, "filter", FILTERS)
+    return FILTERS[family](model_id, device, dtype, text_max_tokens)

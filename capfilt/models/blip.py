@@ -1,0 +1,127 @@
+"""BLIP captioner (image-grounded text decoder) and filter (image-grounded text encoder), via transformers.
+
+Outputs equal the plain Hugging Face calls: `processor(...)` + `model.generate(...)` for captions,
+`model(..., use_itm_head=True/False)` for ITM/ITC. The filter differs from that plain call in one way,
+tested to give the same numbers: the vision tower runs once per image and its output is shared by all of the
+image's captions, instead of once per pair.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+from capfilt.models.base import Captioner, CaptionScores, DecodingSettings, Filter
+from capfilt.models.loading import load_pretrained
+
+
+class BlipCaptioner(Captioner):
+    def __init__(self, model_id: str, settings: DecodingSettings, device: str, dtype: torch.dtype) -> None:
+        self.model_id = model_id
+        self.settings = settings
+        self.device = torch.device(device)
+        self.processor = load_pretrained(AutoProcessor, model_id, "captioner")
+        self.model = load_pretrained(BlipForConditionalGeneration, model_id, "captioner", dtype=dtype)
+        self.model.to(self.device).eval()
+        self.dtype = dtype
+
+    def generate_kwargs(self) -> dict:
+        """The `generate` arguments for the settings, as BLIP's CapFilt used them."""
+        s = self.settings
+        kwargs = dict(
+            max_length=s.max_length,
+            min_length=s.min_length,
+            num_return_sequences=s.num_captions,
+            repetition_penalty=s.effective_repetition_penalty,
+        )
+        if s.method == "beam":
+            kwargs.update(num_beams=s.num_beams, do_sample=False)
+        else:
+            kwargs.update(do_sample=True, top_p=s.top_p, num_beams=1)
+        return kwargs
+
+    @torch.inference_mode()
+    def caption(self, images: list[Image.Image]) -> list[list[str]]:
+        prompt = self.settings.prompt
+        inputs = self.processor(images=images, text=[prompt] * len(images) if prompt else None, return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        if self.settings.method == "nucleus":
+            torch.manual_seed(self.settings.seed)
+        sequences = self.model.generate(**inputs, **self.generate_kwargs())
+        texts = self.processor.batch_decode(sequences, skip_special_tokens=True)
+        n = self.settings.num_captions
+        return [[strip_prompt(t, prompt) for t in texts[i * n : (i + 1) * n]] for i in range(len(images))]
+
+
+def strip_prompt(text: str, prompt: str) -> str:
+    """Remove the prompt the decoder was primed with (BLIP does `caption[len(prompt):]`)."""
+    stripped_prompt = prompt.strip()
+    if stripped_prompt and text.startswith(stripped_prompt):
+        text = text[len(stripped_prompt) :]
+    return text.strip()
+
+
+class BlipFilter(Filter):
+    def __init__(
+        self, model_id: str, device: str, dtype: torch.dtype, text_max_tokens: int, pair_batch_size: int = 256
+    ) -> None:
+        self.model_id = model_id
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.text_max_tokens = text_max_tokens
+        self.pair_batch_size = pair_batch_size
+        self.processor = load_pretrained(AutoProcessor, model_id, "filter")
+        self.model = load_pretrained(BlipForImageTextRetrieval, model_id, "filter", dtype=dtype)
+        self.model.to(self.device).eval()
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenise as the reference call does, truncated to the filter's text length (BLIP: 35 tokens)."""
+        tokens = self.processor.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.text_max_tokens, return_tensors="pt"
+        )
+        return {k: tokens[k].to(self.device) for k in ("input_ids", "attention_mask")}
+
+    @torch.inference_mode()
+    def score(
+        self, images: list[Image.Image], captions: list[list[str]], itm: bool, itc: bool
+    ) -> list[list[CaptionScores]]:
+        pairs = [(i, text) for i, texts in enumerate(captions) for text in texts]
+        if not pairs:
+            return [[] for _ in images]
+        pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        image_embeds = self.model.vision_model(pixel_values=pixel_values.to(self.device, self.dtype)).last_hidden_state
+        image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1) if itc else None
+
+        itm_scores: list[float | None] = []
+        itc_scores: list[float | None] = []
+        for start in range(0, len(pairs), self.pair_batch_size):
+            chunk = pairs[start : start + self.pair_batch_size]
+            index = torch.tensor([i for i, _ in chunk], device=self.device)
+            tokens = self.tokenize([text for _, text in chunk])
+            itm_scores += self._itm(image_embeds[index], tokens) if itm else [None] * len(chunk)
+            itc_scores += self._itc(image_feat[index], tokens) if itc else [None] * len(chunk)
+
+        scores = [CaptionScores(a, b) for a, b in zip(itm_scores, itc_scores)]
+        result, offset = [], 0
+        for texts in captions:
+            result.append(scores[offset : offset + len(texts)])
+            offset += len(texts)
+        return result
+
+    def _itm(self, image_embeds: torch.Tensor, tokens: dict[str, torch.Tensor]) -> list[float]:
+        """Match probability: softmax of the ITM head, index 1 = match."""
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+        hidden = self.model.text_encoder(
+            **tokens, encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts
+        ).last_hidden_state
+        logits = self.model.itm_head(hidden[:, 0, :]).float()
+        return logits.softmax(dim=-1)[:, 1].tolist()
+
+    def _itc(self, image_feat: torch.Tensor, tokens: dict[str, torch.Tensor]) -> list[float]:
+        """Cosine of the unimodal image and text projections."""
+        hidden = self.model.text_encoder(**tokens).last_hidden_state
+        text_feat = F.normalize(self.model.text_proj(hidden[:, 0, :]).float(), dim=-1)
+        return (image_feat * text_feat).sum(dim=-1).tolist()

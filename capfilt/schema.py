@@ -1,0 +1,109 @@
+"""The documented names under which capfilt writes captions and scores (README: "Output schema").
+
+Webdataset and files outputs put these fields in each sample's `.json`; Parquet outputs put them in columns
+of the same names. Reading them back (a `caption` run's output fed to `filter`) restores the same `Sample`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from capfilt.sample import Caption, Sample
+
+WEB_CAPTION = "web_caption"
+WEB_ITM = "web_itm_score"
+WEB_ITC = "web_itc_score"
+WEB_KEPT = "web_kept"
+SYNTHETIC = "synthetic_captions"
+KEPT = "kept_captions"
+CAPFILT_FIELDS = (WEB_CAPTION, WEB_ITM, WEB_ITC, WEB_KEPT, SYNTHETIC, KEPT)
+
+# Parquet type of each field; `decoding` is a JSON string so that runs with other settings share one schema.
+SYNTHETIC_TYPE = pa.struct(
+    [
+        ("text", pa.string()),
+        ("itm_score", pa.float64()),
+        ("itc_score", pa.float64()),
+        ("kept", pa.bool_()),
+        ("captioner", pa.string()),
+        ("decoding", pa.string()),
+    ]
+)
+ARROW_FIELDS = pa.schema(
+    [
+        (WEB_CAPTION, pa.string()),
+        (WEB_ITM, pa.float64()),
+        (WEB_ITC, pa.float64()),
+        (WEB_KEPT, pa.bool_()),
+        (SYNTHETIC, pa.list_(SYNTHETIC_TYPE)),
+        (KEPT, pa.list_(pa.string())),
+    ]
+)
+
+
+def kept_captions(sample: Sample) -> list[str]:
+    """Captions that passed the filter, best score first; all captions when nothing was scored."""
+    captions = sample.captions()
+    if not any(c.kept is not None for c in captions):
+        return [c.text for c in captions]
+    kept = [c for c in captions if c.kept]
+    return [c.text for c in sorted(kept, key=_score_of, reverse=True)]
+
+
+def primary_caption(sample: Sample) -> str | None:
+    """The caption a `(jpg, txt)` loader sees: the best kept caption, else the web caption, else the first
+    synthetic one (a `caption` run without filter keeps the web caption in `.txt`)."""
+    kept = kept_captions(sample)
+    if kept and any(c.kept is not None for c in sample.captions()):
+        return kept[0]
+    if sample.web_caption is not None:
+        return sample.web_caption
+    return sample.synthetic_captions[0].text if sample.synthetic_captions else None
+
+
+def _score_of(caption: Caption) -> float:
+    return caption.itm_score if caption.itm_score is not None else (caption.itc_score or 0.0)
+
+
+def capfilt_fields(sample: Sample) -> dict[str, Any]:
+    """The fields capfilt adds to a sample's JSON (and Parquet columns), with `decoding` as a dict."""
+    return {
+        WEB_CAPTION: sample.web_caption,
+        WEB_ITM: sample.web_itm_score,
+        WEB_ITC: sample.web_itc_score,
+        WEB_KEPT: sample.web_kept,
+        SYNTHETIC: [c.synthetic_record() for c in sample.synthetic_captions],
+        KEPT: kept_captions(sample),
+    }
+
+
+def arrow_fields(sample: Sample) -> dict[str, Any]:
+    """`capfilt_fields` shaped for `ARROW_FIELDS` (decoding settings as a JSON string)."""
+    fields = capfilt_fields(sample)
+    fields[SYNTHETIC] = [
+        {**record, "decoding": json.dumps(record["decoding"], sort_keys=True) if record["decoding"] else None}
+        for record in fields[SYNTHETIC]
+    ]
+    return fields
+
+
+def restore_capfilt_fields(sample: Sample) -> None:
+    """Move capfilt fields found in `sample.metadata` (output of an earlier run) back into the sample.
+
+    The web caption recorded there wins over the reader's caption, since an earlier run may have replaced
+    `.txt` with its primary caption.
+    """
+    meta = sample.metadata
+    if WEB_CAPTION in meta:
+        sample.web_caption = meta[WEB_CAPTION]
+    sample.set_web_scores(meta.get(WEB_ITM), meta.get(WEB_ITC), meta.get(WEB_KEPT))
+    for record in meta.get(SYNTHETIC) or []:
+        decoding = record.get("decoding")
+        if isinstance(decoding, str):
+            record = {**record, "decoding": json.loads(decoding)}
+        sample.synthetic_captions.append(Caption.from_synthetic_record(record))
+    for name in CAPFILT_FIELDS:
+        meta.pop(name, None)
