@@ -45,7 +45,7 @@ def load_preset(name: str) -> Preset:
         raise ConfigError(f"unknown preset '{name}'; available: {', '.join(available_presets())}")
     try:
         data = tomllib.loads(path.read_text())
-        caption, filter_ = data["caption"], data["filter"]
+        caption, filter_ = data["captioning"], data["filtering"]
         return Preset(
             name=path.stem,
             description=data.get("description", ""),

@@ -2,7 +2,7 @@
 
 A reader yields `Sample`s (or `Reject`s for members it cannot pair with an image); decoding, captioning and
 filtering fill in fields; a writer turns each `Sample` back into the format's files. Every input sample ends
-as exactly one of: written, dropped by the filter (`Sample.dropped`), or a `Reject` with a reason.
+as exactly one of: written, dropped by the filter (`Batch.dropped`), or a `Reject` with a reason.
 """
 
 from __future__ import annotations
@@ -75,7 +75,6 @@ class Sample:
     web_itc_score: float | None = None
     web_kept: bool | None = None
     image: Image.Image | None = None
-    dropped: bool = False
 
     def captions(self) -> list[Caption]:
         """All captions of the sample, web first, as the filter scores them."""

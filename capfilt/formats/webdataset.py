@@ -154,6 +154,9 @@ class WebDatasetFormat(Format):
                             yield sample_from_members(key, group, caption_column, image_column)
                         key, group = member_key, {}
                     group[ext] = data
+                # tarfile ends silently at a cut header; a whole tar ends with a zero block it has read.
+                if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:
+                    raise tarfile.ReadError("the tar ends without its end-of-archive block (truncated)")
         except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
             if group:
                 yield Reject(key, "truncated_shard", "the shard ends or breaks inside this sample")

@@ -1,0 +1,208 @@
+"""`capfilt` command line: parses flags into a `RunConfig` and runs the pipeline; nothing else."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from capfilt.config import Command, FilterMode, FilterSettings, RunConfig
+from capfilt.errors import CapfiltError, ConfigError
+from capfilt.models.base import DecodingSettings
+from capfilt.presets import DEFAULT_PRESET, Preset, load_preset
+from capfilt.progress import RichProgress, summary_table
+
+app = typer.Typer(
+    help="CapFilt (BLIP): caption and filter image-text datasets: webdataset tars, Parquet, image folders.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+Input = Annotated[str, typer.Argument(help="Dataset: a directory, a glob or a brace pattern; local or fsspec URL.")]
+Output = Annotated[str, typer.Argument(help="Output directory (one output shard per input shard, same names).")]
+PresetOpt = Annotated[str, typer.Option("--preset", help="Model preset: blip-large, blip-base, demo, or a .toml.")]
+CaptionerOpt = Annotated[Optional[str], typer.Option("--captioner", help="Captioner: HF model id or local dir.")]
+FilterOpt = Annotated[Optional[str], typer.Option("--filter", help="Filter: HF model id or local dir.")]
+NumCaptions = Annotated[int, typer.Option("--num-captions", help="Synthetic captions per image.")]
+NumBeams = Annotated[int, typer.Option("--num-beams", help="1: nucleus sampling (default); >1: beam search.")]
+TopP = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling top-p [preset: 0.9].")]
+MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="Max tokens, prompt included [preset].")]
+MinLength = Annotated[Optional[int], typer.Option("--min-length", help="Min tokens, prompt included [preset].")]
+RepetitionPenalty = Annotated[
+    Optional[float], typer.Option("--repetition-penalty", help="[BLIP: 1.1 for nucleus, 1.0 for beam].")
+]
+Prompt = Annotated[Optional[str], typer.Option("--prompt", help="Decoder prompt, stripped from captions [preset].")]
+Scores = Annotated[str, typer.Option("--scores", help="Scores to compute and require: itm, itc or itm,itc.")]
+Threshold = Annotated[Optional[float], typer.Option("--threshold", help="Min ITM match probability [preset: 0.5].")]
+ItcThreshold = Annotated[Optional[float], typer.Option("--itc-threshold", help="Min ITC cosine [preset].")]
+Mode = Annotated[FilterMode, typer.Option("--mode", help="drop: remove failing pairs; annotate: keep all.")]
+InputFormat = Annotated[Optional[str], typer.Option("--input-format", help="webdataset, parquet or files.")]
+OutputFormat = Annotated[Optional[str], typer.Option("--output-format", help="Convert [default: input's].")]
+CaptionColumn = Annotated[Optional[str], typer.Option("--caption-column", help="Caption column or extension.")]
+ImageColumn = Annotated[Optional[str], typer.Option("--image-column", help="Parquet image column.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16 on GPU), fp32, bf16, fp16.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per model batch.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of nucleus sampling.")]
+StorageOptions = Annotated[Optional[str], typer.Option("--storage-options", help="fsspec options as JSON.")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar or summary table.")]
+
+
+def resolve_device(device: str, dtype: str) -> tuple[str, str]:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "bfloat16"
+    return device, dtype
+
+
+def decoding_settings(preset: Preset, num_captions: int, num_beams: int, top_p: float | None,
+                      max_length: int | None, min_length: int | None, repetition_penalty: float | None,
+                      prompt: str | None, seed: int) -> DecodingSettings:
+    return DecodingSettings(
+        num_beams=num_beams,
+        num_captions=num_captions,
+        top_p=preset.top_p if top_p is None else top_p,
+        max_length=preset.max_length if max_length is None else max_length,
+        min_length=preset.min_length if min_length is None else min_length,
+        repetition_penalty=repetition_penalty,
+        prompt=preset.prompt if prompt is None else prompt,
+        seed=seed,
+    )
+
+
+def filter_settings(preset: Preset, scores: str, threshold: float | None, itc_threshold: float | None,
+                    mode: FilterMode) -> FilterSettings:
+    names = {name.strip() for name in scores.split(",") if name.strip()}
+    if not names or names - {"itm", "itc"}:
+        raise ConfigError(f"--scores takes itm, itc or itm,itc; got '{scores}'")
+    return FilterSettings(
+        itm="itm" in names,
+        itc="itc" in names,
+        itm_threshold=preset.itm_threshold if threshold is None else threshold,
+        itc_threshold=preset.itc_threshold if itc_threshold is None else itc_threshold,
+        mode=mode,
+        text_max_tokens=preset.text_max_tokens,
+    )
+
+
+def execute(command: Command, input: str, output: str, quiet: bool, device: str, dtype: str,
+            storage_options: str | None, **settings: object) -> None:
+    """Build the config, run the pipeline with progress, print the summary; user errors as one line."""
+    console = Console(stderr=True, quiet=quiet)
+    try:
+        device, dtype = resolve_device(device, dtype)
+        options = json.loads(storage_options) if storage_options else {}
+        if not isinstance(options, dict):
+            raise ConfigError("--storage-options must be a JSON object")
+        config = RunConfig(command=command, input=input, output=output, device=device, dtype=dtype,
+                           storage_options=options, **settings)
+        from transformers.utils import logging as transformers_logging
+
+        from capfilt.pipeline import Pipeline
+
+        transformers_logging.disable_progress_bar()  # our own progress bar is the one to watch
+
+        pipeline = Pipeline(config)
+        with RichProgress(console) as progress:
+            pipeline.observer = progress
+            summary = pipeline.run()
+    except json.JSONDecodeError as error:
+        _fail(f"--storage-options is not valid JSON: {error}")
+    except CapfiltError as error:
+        _fail(str(error))
+    console.print(summary_table(summary))
+    if summary.failed_shards:
+        _fail(f"{len(summary.failed_shards)} shard(s) failed: {', '.join(summary.failed_shards)} (see the summary)")
+
+
+def _fail(message: str) -> None:
+    print(f"capfilt: error: {message}", file=sys.stderr)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def caption(
+    input: Input, output: Output, preset: PresetOpt = DEFAULT_PRESET, captioner: CaptionerOpt = None,
+    num_captions: NumCaptions = 1, num_beams: NumBeams = 1, top_p: TopP = None, max_length: MaxLength = None,
+    min_length: MinLength = None, repetition_penalty: RepetitionPenalty = None, prompt: Prompt = None,
+    input_format: InputFormat = None, output_format: OutputFormat = None, caption_column: CaptionColumn = None,
+    image_column: ImageColumn = None, device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = 32,
+    seed: Seed = 0, storage_options: StorageOptions = None, quiet: Quiet = False,
+) -> None:
+    """Add synthetic captions (nucleus sampling by default, beam search with --num-beams)."""
+    try:
+        p = load_preset(preset)
+        decoding = decoding_settings(p, num_captions, num_beams, top_p, max_length, min_length,
+                                     repetition_penalty, prompt, seed)
+    except CapfiltError as error:
+        _fail(str(error))
+    execute(Command.caption, input, output, quiet, device, dtype, storage_options,
+            captioner=captioner or p.captioner, decoding=decoding, input_format=input_format,
+            output_format=output_format, caption_column=caption_column, image_column=image_column,
+            batch_size=batch_size)
+
+
+@app.command("filter")
+def filter_command(
+    input: Input, output: Output, preset: PresetOpt = DEFAULT_PRESET, filter: FilterOpt = None,
+    scores: Scores = "itm", threshold: Threshold = None, itc_threshold: ItcThreshold = None,
+    mode: Mode = FilterMode.drop, input_format: InputFormat = None, output_format: OutputFormat = None,
+    caption_column: CaptionColumn = None, image_column: ImageColumn = None, device: Device = "auto",
+    dtype: Dtype = "auto", batch_size: BatchSize = 32, storage_options: StorageOptions = None, quiet: Quiet = False,
+) -> None:
+    """Score web and synthetic captions (ITM and/or ITC) and drop, or annotate, the pairs that do not match."""
+    try:
+        p = load_preset(preset)
+        filtering = filter_settings(p, scores, threshold, itc_threshold, mode)
+    except CapfiltError as error:
+        _fail(str(error))
+    execute(Command.filter, input, output, quiet, device, dtype, storage_options,
+            filter=filter or p.filter, filtering=filtering, input_format=input_format,
+            output_format=output_format, caption_column=caption_column, image_column=image_column,
+            batch_size=batch_size)
+
+
+@app.command()
+def bootstrap(
+    input: Input, output: Output, preset: PresetOpt = DEFAULT_PRESET, captioner: CaptionerOpt = None,
+    filter: FilterOpt = None, num_captions: NumCaptions = 1, num_beams: NumBeams = 1, top_p: TopP = None,
+    max_length: MaxLength = None, min_length: MinLength = None, repetition_penalty: RepetitionPenalty = None,
+    prompt: Prompt = None, scores: Scores = "itm", threshold: Threshold = None,
+    itc_threshold: ItcThreshold = None, mode: Mode = FilterMode.drop, input_format: InputFormat = None,
+    output_format: OutputFormat = None, caption_column: CaptionColumn = None, image_column: ImageColumn = None,
+    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = 32, seed: Seed = 0,
+    storage_options: StorageOptions = None, quiet: Quiet = False,
+) -> None:
+    """Caption, then filter the web caption and every synthetic caption, in one pass (CapFilt)."""
+    try:
+        p = load_preset(preset)
+        decoding = decoding_settings(p, num_captions, num_beams, top_p, max_length, min_length,
+                                     repetition_penalty, prompt, seed)
+        filtering = filter_settings(p, scores, threshold, itc_threshold, mode)
+    except CapfiltError as error:
+        _fail(str(error))
+    execute(Command.bootstrap, input, output, quiet, device, dtype, storage_options,
+            captioner=captioner or p.captioner, filter=filter or p.filter, decoding=decoding,
+            filtering=filtering, input_format=input_format, output_format=output_format,
+            caption_column=caption_column, image_column=image_column, batch_size=batch_size)
+
+
+@app.command()
+def presets() -> None:
+    """List the model presets."""
+    from capfilt.presets import available_presets
+
+    for name in available_presets():
+        preset = load_preset(name)
+        print(f"{name:12} {preset.description}\n{'':12} captioner {preset.captioner}\n{'':12} filter    {preset.filter}")
+
+
+def main() -> None:
+    app()

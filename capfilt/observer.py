@@ -1,0 +1,18 @@
+"""What the pipeline reports while it runs. The pipeline never prints; an observer shows progress."""
+
+from __future__ import annotations
+
+from capfilt.stats import ShardStats
+
+
+class Observer:
+    """Receives the pipeline's events; the base class ignores them all."""
+
+    def run_started(self, total_shards: int) -> None: ...
+
+    def shard_started(self, shard_name: str) -> None: ...
+
+    def samples_done(self, count: int) -> None: ...
+
+    def shard_finished(self, stats: ShardStats) -> None: ...
+

@@ -1,0 +1,131 @@
+"""Pipeline steps. Each takes a `Batch` and returns it with its work done and what fell out moved aside.
+
+caption, filter and bootstrap are the same pipeline with steps left out: decode → caption → filter.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from capfilt.config import FilterMode, FilterSettings
+from capfilt.decode import DecodeError, decode_image
+from capfilt.models.base import Captioner, CaptionScores, Filter
+from capfilt.sample import Caption, Reject, Sample
+from capfilt.stats import ShardStats
+
+
+@dataclass
+class Batch:
+    """Samples still on their way, plus the ones a step rejected or the filter dropped."""
+
+    samples: list[Sample]
+    rejects: list[Reject] = field(default_factory=list)
+    dropped: list[Sample] = field(default_factory=list)
+
+
+class Stage(ABC):
+    name: str
+
+    @abstractmethod
+    def process(self, batch: Batch, stats: ShardStats) -> Batch: ...
+
+
+class DecodeStage(Stage):
+    """Image bytes → RGB picture; undecodable, empty or oversized images become rejects."""
+
+    name = "decode"
+
+    def __init__(self, executor: Executor, max_pixels: int) -> None:
+        self.executor = executor
+        self.max_pixels = max_pixels
+
+    def _decode(self, sample: Sample) -> Sample | Reject:
+        if not sample.image_bytes:
+            return Reject(sample.key, "missing_image" if sample.image_bytes is None else "empty_image")
+        try:
+            sample.image = decode_image(sample.image_bytes, self.max_pixels)
+        except DecodeError as error:
+            return Reject(sample.key, error.reason, error.detail)
+        return sample
+
+    def process(self, batch: Batch, stats: ShardStats) -> Batch:
+        decoded = Batch([], batch.rejects, batch.dropped)
+        for result in self.executor.map(self._decode, batch.samples):
+            if isinstance(result, Reject):
+                decoded.rejects.append(result)
+            else:
+                decoded.samples.append(result)
+        return decoded
+
+
+class CaptionStage(Stage):
+    """Adds `num_captions` synthetic captions to every sample."""
+
+    name = "caption"
+
+    def __init__(self, captioner: Captioner) -> None:
+        self.captioner = captioner
+        self.decoding = captioner.settings.record()
+
+    def process(self, batch: Batch, stats: ShardStats) -> Batch:
+        if not batch.samples:
+            return batch
+        captions = self.captioner.caption([s.image for s in batch.samples])
+        for sample, texts in zip(batch.samples, captions):
+            for text in texts:
+                sample.synthetic_captions.append(
+                    Caption(text, "synthetic", captioner=self.captioner.model_id, decoding=dict(self.decoding))
+                )
+            stats.synthetic_captions_added += len(texts)
+        return batch
+
+
+class FilterStage(Stage):
+    """Scores every caption, web and synthetic, marks which pass, and drops images with no passing caption
+    (in `drop` mode). An image with no caption at all cannot be filtered and is rejected."""
+
+    name = "filter"
+
+    def __init__(self, filter_: Filter, settings: FilterSettings) -> None:
+        self.filter = filter_
+        self.settings = settings
+
+    def process(self, batch: Batch, stats: ShardStats) -> Batch:
+        result = Batch([], batch.rejects, batch.dropped)
+        scorable = []
+        for sample in batch.samples:
+            if sample.captions():
+                scorable.append(sample)
+            else:
+                result.rejects.append(Reject(sample.key, "missing_caption", "no web or synthetic caption to filter"))
+        if not scorable:
+            return result
+        texts = [[c.text for c in s.captions()] for s in scorable]
+        scores = self.filter.score([s.image for s in scorable], texts, self.settings.itm, self.settings.itc)
+        for kind in ("itm", "itc"):
+            values = [getattr(score, kind) for pairs in scores for score in pairs if getattr(score, kind) is not None]
+            if values:
+                stats.add_scores(kind, values)
+        for sample, sample_scores in zip(scorable, scores):
+            self._apply(sample, sample_scores, stats)
+            if self.settings.mode is FilterMode.drop and not any(c.kept for c in sample.captions()):
+                result.dropped.append(sample)
+            else:
+                result.samples.append(sample)
+        return result
+
+    def _apply(self, sample: Sample, sample_scores: list[CaptionScores], stats: ShardStats) -> None:
+        offset = 0
+        if sample.web_caption is not None:
+            web = sample_scores[0]
+            kept = self.settings.passes(web.itm, web.itc)
+            sample.set_web_scores(web.itm, web.itc, kept)
+            stats.web_captions_kept += kept
+            offset = 1
+        for caption, score in zip(sample.synthetic_captions, sample_scores[offset:]):
+            caption.itm_score, caption.itc_score = score.itm, score.itc
+            caption.kept = self.settings.passes(score.itm, score.itc)
+        stats.captions_scored += len(sample_scores)
+        stats.captions_kept += sum(bool(c.kept) for c in sample.captions())

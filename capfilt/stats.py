@@ -1,0 +1,108 @@
+"""Per-shard counts and the run summary merged from them (`NAME_stats.json`, `capfilt_summary.json`).
+
+Scores are kept as fixed-bin histograms, so shard stats merge exactly into run-wide quantiles however the
+shards were spread over processes or machines.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+HISTOGRAM_BINS = 1000
+SCORE_RANGES = {"itm": (0.0, 1.0), "itc": (-1.0, 1.0)}
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+@dataclass
+class ShardStats:
+    shard: str
+    read: int = 0
+    written: int = 0
+    dropped: int = 0
+    rejected: int = 0
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+    synthetic_captions_added: int = 0
+    captions_scored: int = 0
+    captions_kept: int = 0
+    web_captions_kept: int = 0
+    # Sparse histograms of the scores: {kind: {bin index: count}} over SCORE_RANGES[kind].
+    histograms: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str | None = None
+
+    def count_reject(self, reason: str) -> None:
+        self.rejected += 1
+        self.reject_reasons[reason] = self.reject_reasons.get(reason, 0) + 1
+
+    def add_scores(self, kind: str, scores: list[float]) -> None:
+        low, high = SCORE_RANGES[kind]
+        counts, _ = np.histogram(np.clip(scores, low, high), bins=HISTOGRAM_BINS, range=(low, high))
+        histogram = self.histograms.setdefault(kind, {})
+        for index in np.flatnonzero(counts):
+            histogram[str(index)] = histogram.get(str(index), 0) + int(counts[index])
+
+    def record(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "ShardStats":
+        return cls(**record)
+
+
+@dataclass
+class RunSummary:
+    shards: int = 0
+    read: int = 0
+    written: int = 0
+    dropped: int = 0
+    rejected: int = 0
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+    synthetic_captions_added: int = 0
+    captions_scored: int = 0
+    captions_kept: int = 0
+    web_captions_kept: int = 0
+    score_quantiles: dict[str, dict[str, float]] = field(default_factory=dict)
+    failed_shards: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @classmethod
+    def merge(cls, shard_stats: list[ShardStats], seconds: float) -> "RunSummary":
+        summary = cls(shards=len(shard_stats), seconds=round(seconds, 3))
+        reasons: Counter[str] = Counter()
+        histograms: dict[str, np.ndarray] = {}
+        for stats in shard_stats:
+            for name in ("read", "written", "dropped", "rejected", "synthetic_captions_added", "captions_scored",
+                         "captions_kept", "web_captions_kept"):
+                setattr(summary, name, getattr(summary, name) + getattr(stats, name))
+            reasons.update(stats.reject_reasons)
+            for kind, sparse in stats.histograms.items():
+                counts = histograms.setdefault(kind, np.zeros(HISTOGRAM_BINS, dtype=np.int64))
+                for index, count in sparse.items():
+                    counts[int(index)] += count
+            if stats.error:
+                summary.failed_shards[stats.shard] = stats.error
+        summary.reject_reasons = dict(sorted(reasons.items()))
+        summary.score_quantiles = {kind: histogram_quantiles(kind, counts) for kind, counts in histograms.items()}
+        return summary
+
+    def record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def histogram_quantiles(kind: str, counts: np.ndarray) -> dict[str, float]:
+    """Quantiles to the bin width (1/1000 of the score range)."""
+    total = int(counts.sum())
+    if total == 0:
+        return {}
+    low, high = SCORE_RANGES[kind]
+    cumulative = np.cumsum(counts)
+    width = (high - low) / HISTOGRAM_BINS
+    result = {}
+    for q in QUANTILES:
+        index = int(np.searchsorted(cumulative, q * total, side="left"))
+        result[f"p{round(q * 100):02d}"] = round(low + (index + 0.5) * width, 4)
+    return result
