@@ -7,6 +7,8 @@ brace pattern (`shards/{00000..00099}.tar`, as webdataset writes them), on a loc
 
 from __future__ import annotations
 
+import posixpath
+
 from typing import Any
 
 import fsspec
@@ -54,6 +56,17 @@ def resolve_output(spec: str, storage_options: dict[str, Any] | None = None) -> 
         raise OutputError(f"output {spec} is a file; give a folder for the output shards")
     fs.makedirs(path, exist_ok=True)
     return fs, path.rstrip("/")
+
+
+def check_output_apart(fs_in: AbstractFileSystem, shards: list[Shard], fs_out: AbstractFileSystem, output: str) -> None:
+    """Refuse an output folder that holds input shards: output shards of the same names would replace them."""
+    if fs_in.protocol != fs_out.protocol:
+        return
+    output = output.rstrip("/")
+    for shard in shards:
+        path = shard.path.rstrip("/")
+        if output in (path, posixpath.dirname(path)):
+            raise OutputError(f"the output folder {output} holds the input shard {path}; write to another folder")
 
 
 def _to_fs(patterns: list[str], storage_options: dict[str, Any]) -> tuple[AbstractFileSystem, list[str]]:

@@ -25,7 +25,7 @@ from capfilt.formats import get_format
 from capfilt.formats.base import Shard
 from capfilt.models import load_captioner, load_filter
 from capfilt.observer import Observer
-from capfilt.paths import resolve_input, resolve_output
+from capfilt.paths import check_output_apart, resolve_input, resolve_output
 from capfilt.sample import Reject, Sample
 from capfilt.schema import capfilt_fields
 from capfilt.stages import Batch, CaptionStage, DecodeStage, FilterStage, Stage
@@ -60,6 +60,7 @@ class Pipeline:
         )
         self.output_format = get_format(config.output_format or self.input_format.name)
         self.fs_out, self.output_dir = resolve_output(config.output, config.storage_options)
+        check_output_apart(self.fs_in, self.shards, self.fs_out, self.output_dir)
         self.executor = ThreadPoolExecutor(max_workers=max(1, config.decode_workers))
         self.stages = self._build_stages()
 

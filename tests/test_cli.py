@@ -1,0 +1,69 @@
+"""The `capfilt` command: a real process runs a job; every user error is one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from capfilt.cli import app
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def assert_one_line_error(result, expected: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("capfilt: error:") and expected in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_bootstrap_runs_as_a_real_process(tiny_models, shapes_dataset, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "capfilt", "bootstrap", str(shapes_dataset), str(out), "--captioner",
+         tiny_models[0], "--filter", tiny_models[1], "--num-beams", "2", "--max-length", "10", "--threshold", "0"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "capfilt summary" in result.stderr and "written" in result.stderr
+    summary = json.loads((out / "capfilt_summary.json").read_text())
+    assert summary["read"] == summary["written"] == 20
+    assert summary["synthetic_captions_added"] == 20
+    settings = json.loads((out / "capfilt_run.json").read_text())
+    assert settings["decoding"]["num_beams"] == 2 and settings["filtering"]["itm_threshold"] == 0
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["filter", "/no/such/dir", "OUT", "--filter", "X"], "does not exist"),
+        (["filter", "IN", "OUT", "--preset", "blip-huge"], "unknown preset 'blip-huge'"),
+        (["filter", "IN", "OUT", "--threshold", "1.5"], "--threshold"),
+        (["filter", "IN", "OUT", "--scores", "clip"], "--scores"),
+        (["bootstrap", "IN", "OUT", "--num-beams", "2", "--num-captions", "3"], "at most --num-beams"),
+        (["caption", "IN", "OUT", "--top-p", "0"], "--top-p"),
+        (["caption", "IN", "OUT", "--min-length", "40"], "--min-length"),
+        (["filter", "IN", "OUT", "--storage-options", "{nope"], "not valid JSON"),
+        (["filter", "IN", "OUT", "--filter", "/no/such/model"], "not a directory"),
+        (["filter", "IN", "OUT", "--output-format", "csv", "--filter", "FILTER"], "unknown format 'csv'"),
+        (["filter", "IN", "OUT", "--input-format", "zip", "--filter", "FILTER"], "unknown format 'zip'"),
+        (["filter", "IN", "IN", "--filter", "FILTER"], "output"),
+    ],
+)
+def test_user_errors_are_one_clear_line(tiny_models, shapes_dataset, tmp_path, args, expected):
+    replace = {"IN": str(shapes_dataset), "OUT": str(tmp_path / "out"), "FILTER": tiny_models[1]}
+    assert_one_line_error(run_cli(*[replace.get(a, a) for a in args]), expected)
+
+
+def test_presets_lists_the_blip_presets():
+    result = run_cli("presets")
+    assert result.exit_code == 0
+    assert "Salesforce/blip-image-captioning-large" in result.output
+    assert "Salesforce/blip-itm-base-coco" in result.output
