@@ -13,7 +13,7 @@ from capfilt.config import Command, FilterMode, FilterSettings, RunConfig
 from capfilt.errors import CapfiltError, ConfigError
 from capfilt.models.base import DecodingSettings
 from capfilt.presets import DEFAULT_PRESET, Preset, load_preset
-from capfilt.progress import RichProgress, summary_table
+from capfilt.progress import RichProgress, samples_table, summary_table
 
 app = typer.Typer(
     help="CapFilt (BLIP): caption and filter image-text datasets: webdataset tars, Parquet, image folders.",
@@ -192,6 +192,25 @@ def bootstrap(
             captioner=captioner or p.captioner, filter=filter or p.filter, decoding=decoding,
             filtering=filtering, input_format=input_format, output_format=output_format,
             caption_column=caption_column, image_column=image_column, batch_size=batch_size)
+
+
+@app.command()
+def show(
+    output: Annotated[str, typer.Argument(help="A capfilt output directory.")],
+    limit: Annotated[int, typer.Option("--limit", "-n", help="Samples to show, written and dropped each.")] = 8,
+    storage_options: StorageOptions = None,
+) -> None:
+    """Show samples of an output: every caption with its scores and whether the filter kept it."""
+    from capfilt.inspect import read_output_samples
+
+    try:
+        options = json.loads(storage_options) if storage_options else {}
+        written, dropped = read_output_samples(output, limit, options)
+    except json.JSONDecodeError as error:
+        _fail(f"--storage-options is not valid JSON: {error}")
+    except CapfiltError as error:
+        _fail(str(error))
+    Console().print(samples_table(written, dropped, f"{output}: first {limit} written and dropped samples"))
 
 
 @app.command()

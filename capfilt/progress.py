@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from capfilt.observer import Observer
+from capfilt.sample import Sample
 from capfilt.stats import RunSummary, ShardStats
 
 
@@ -75,4 +76,24 @@ def summary_table(summary: RunSummary) -> Table:
     rows += [(f"  failed shard {name}", error) for name, error in summary.failed_shards.items()]
     for what, value in rows:
         table.add_row(what, str(value))
+    return table
+
+
+def samples_table(samples: list[Sample], dropped: list[Sample], title: str) -> Table:
+    """Each sample's captions with their scores and the filter's decision, written and dropped alike."""
+    table = Table(title=title)
+    for column in ("sample", "caption", "ITM", "ITC", "caption kept"):
+        table.add_column(column, justify="right" if column in ("ITM", "ITC") else "left")
+    outcomes = [(s, "[green]written") for s in samples] + [(s, "[red]dropped") for s in dropped]
+    for sample, outcome in outcomes:
+        captions = sample.captions()
+        for index, caption in enumerate(captions):
+            table.add_row(
+                f"{sample.key}\n{outcome}" if index == 0 else "",
+                f"[dim]{caption.source}:[/] {caption.text}",
+                "" if caption.itm_score is None else f"{caption.itm_score:.3f}",
+                "" if caption.itc_score is None else f"{caption.itc_score:.3f}",
+                {True: "[green]yes", False: "[red]no", None: ""}[caption.kept],
+                end_section=index == len(captions) - 1,
+            )
     return table

@@ -107,3 +107,11 @@ def restore_capfilt_fields(sample: Sample) -> None:
         sample.synthetic_captions.append(Caption.from_synthetic_record(record))
     for name in CAPFILT_FIELDS:
         meta.pop(name, None)
+
+
+def sample_from_dropped_record(record: dict[str, Any]) -> Sample:
+    """A dropped sample's captions and scores, as `NAME_dropped.jsonl` records them (no image)."""
+    sample = Sample(record["key"], None, None, None, metadata=dict(record))
+    restore_capfilt_fields(sample)
+    sample.metadata.pop("key")
+    return sample

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -67,3 +68,22 @@ def test_presets_lists_the_blip_presets():
     assert result.exit_code == 0
     assert "Salesforce/blip-image-captioning-large" in result.output
     assert "Salesforce/blip-itm-base-coco" in result.output
+
+
+def test_show_lists_written_and_dropped_samples_with_scores(tiny_models, shapes_dataset, tmp_path):
+    from capfilt.inspect import read_output_samples
+
+    args = ["filter", str(shapes_dataset), "OUT", "--filter", tiny_models[1], "--quiet"]
+    annotate = [str(tmp_path / "annotate") if a == "OUT" else a for a in args]
+    assert run_cli(*annotate, "--mode", "annotate").exit_code == 0
+    written, _ = read_output_samples(str(tmp_path / "annotate"), 100, {})
+    scores = sorted(caption.itm_score for sample in written for caption in sample.captions())
+    out = tmp_path / "out"
+    drop = [str(out) if a == "OUT" else a for a in args]
+    assert run_cli(*drop, "--threshold", str(scores[len(scores) // 2])).exit_code == 0
+    summary = json.loads((out / "capfilt_summary.json").read_text())
+    assert summary["written"] and summary["dropped"]  # the threshold splits the random filter's scores
+    result = CliRunner().invoke(app, ["show", str(out), "-n", "50"], terminal_width=200)
+    assert result.exit_code == 0
+    assert len(re.findall(r"│ written\s+│", result.output)) == summary["written"]
+    assert len(re.findall(r"│ dropped\s+│", result.output)) == summary["dropped"]
