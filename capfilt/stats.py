@@ -7,7 +7,7 @@ shards were spread over processes or machines.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -18,8 +18,9 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 @dataclass
-class ShardStats:
-    shard: str
+class Counts:
+    """What happened to the samples and captions, per shard and summed over a run."""
+
     read: int = 0
     written: int = 0
     dropped: int = 0
@@ -29,6 +30,14 @@ class ShardStats:
     captions_scored: int = 0
     captions_kept: int = 0
     web_captions_kept: int = 0
+
+
+COUNT_FIELDS = [f.name for f in fields(Counts) if f.name != "reject_reasons"]
+
+
+@dataclass
+class ShardStats(Counts):
+    shard: str = ""
     # Sparse histograms of the scores: {kind: {bin index: count}} over SCORE_RANGES[kind].
     histograms: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
@@ -54,17 +63,8 @@ class ShardStats:
 
 
 @dataclass
-class RunSummary:
+class RunSummary(Counts):
     shards: int = 0
-    read: int = 0
-    written: int = 0
-    dropped: int = 0
-    rejected: int = 0
-    reject_reasons: dict[str, int] = field(default_factory=dict)
-    synthetic_captions_added: int = 0
-    captions_scored: int = 0
-    captions_kept: int = 0
-    web_captions_kept: int = 0
     score_quantiles: dict[str, dict[str, float]] = field(default_factory=dict)
     failed_shards: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -75,8 +75,7 @@ class RunSummary:
         reasons: Counter[str] = Counter()
         histograms: dict[str, np.ndarray] = {}
         for stats in shard_stats:
-            for name in ("read", "written", "dropped", "rejected", "synthetic_captions_added", "captions_scored",
-                         "captions_kept", "web_captions_kept"):
+            for name in COUNT_FIELDS:
                 setattr(summary, name, getattr(summary, name) + getattr(stats, name))
             reasons.update(stats.reject_reasons)
             for kind, sparse in stats.histograms.items():

@@ -92,3 +92,14 @@ def test_unreachable_hub_fails_fast(monkeypatch):
     with pytest.raises(ModelLoadError, match="Hub is unreachable.*local directory"):
         load_captioner("Salesforce/blip-image-captioning-large", DecodingSettings(), "cpu", torch.float32)
     assert time.perf_counter() - started < 5
+
+
+def test_bf16_runs_and_stays_close_to_fp32(tiny_pair, images):
+    captions = [["a red circle on a blue background", "IMG_2031.JPG"]] * len(images)
+    exact = load_filter(str(tiny_pair[1]), "cpu", torch.float32, 35).score(images, captions, itm=True, itc=True)
+    half = load_filter(str(tiny_pair[1]), "cpu", torch.bfloat16, 35).score(images, captions, itm=True, itc=True)
+    for row_exact, row_half in zip(exact, half):
+        for a, b in zip(row_exact, row_half):
+            assert b.itm == pytest.approx(a.itm, abs=2e-2) and b.itc == pytest.approx(a.itc, abs=2e-2)
+    settings = DecodingSettings(num_beams=2, max_length=10, min_length=3)
+    assert len(load_captioner(str(tiny_pair[0]), settings, "cpu", torch.bfloat16).caption(images)) == len(images)
