@@ -72,7 +72,7 @@ class CaptionStage(Stage):
     def process(self, batch: Batch, stats: ShardStats) -> Batch:
         if not batch.samples:
             return batch
-        captions = self.captioner.caption([s.image for s in batch.samples])
+        captions = self.captioner.caption([s.image for s in batch.samples], [s.key for s in batch.samples])
         for sample, texts in zip(batch.samples, captions):
             for text in texts:
                 sample.synthetic_captions.append(

@@ -34,20 +34,49 @@ def images():
 def test_beam_captions_equal_per_image_generate(tiny_pair, images, num_beams, num_captions):
     settings = DecodingSettings(num_beams=num_beams, num_captions=num_captions, max_length=12, min_length=5)
     captioner = load_captioner(str(tiny_pair[0]), settings, "cpu", torch.float32)
-    assert captioner.caption(images) == [reference.beam_captions(tiny_pair[0], image, settings) for image in images]
-    assert captioner.caption(images[:2]) + captioner.caption(images[2:]) == captioner.caption(images)
+    keys = [f"{i:09d}" for i in range(len(images))]
+    captions = captioner.caption(images, keys)
+    assert captions == [reference.beam_captions(tiny_pair[0], image, settings) for image in images]
+    assert captioner.caption(images[:2], keys[:2]) + captioner.caption(images[2:], keys[2:]) == captions
 
 
-def test_nucleus_sampling_gives_requested_count_and_is_seeded(tiny_pair, images):
+def test_nucleus_sampling_is_seeded_per_sample_not_per_batch(tiny_pair, images):
     settings = DecodingSettings(num_captions=3, max_length=12, min_length=5, seed=11)
     captioner = load_captioner(str(tiny_pair[0]), settings, "cpu", torch.float32)
-    first = captioner.caption(images)
-    assert [len(c) for c in first] == [3] * len(images)
-    assert captioner.caption(images) == first
-    assert all(not text.startswith("a picture of") for texts in first for text in texts)
+    keys = [f"key{i}" for i in range(len(images))]
+    together = captioner.caption(images, keys)
+    assert [len(c) for c in together] == [3] * len(images)
+    alone = [captioner.caption([image], [key])[0] for image, key in zip(images, keys)]
+    reversed_batch = captioner.caption(images[::-1], keys[::-1])[::-1]
+    assert together == alone == reversed_batch
+    assert all(not text.startswith("a picture of") for texts in together for text in texts)
+    renamed = captioner.caption(images, [f"other{i}" for i in range(len(images))])
+    assert renamed != together  # the key, not the position, seeds the caption
 
 
-@pytest.mark.parametrize("pair_batch_size", [1, 3, 256])
+def test_nucleus_path_equals_generate_when_top_p_keeps_one_token(tiny_pair, images):
+    """Our decoding call (image encoded once, keyed noise) is BLIP's generate: with a nucleus of one token
+    sampling is greedy, and must equal `model.generate(do_sample=False)` per image."""
+    settings = DecodingSettings(num_captions=2, top_p=1e-9, max_length=12, min_length=5, repetition_penalty=1.1)
+    captioner = load_captioner(str(tiny_pair[0]), settings, "cpu", torch.float32)
+    greedy = DecodingSettings(num_beams=1, max_length=12, min_length=5, repetition_penalty=1.1)
+    captions = captioner.caption(images, [str(i) for i in range(len(images))])
+    assert captions == [reference.beam_captions(tiny_pair[0], image, greedy) * 2 for image in images]
+
+
+def test_keyed_gumbel_noise_samples_the_softmax():
+    from capfilt.models.sampling import KeyedGumbelNoise
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -float("inf")])
+    rows = 20000
+    noise = KeyedGumbelNoise(list(range(rows)))
+    picks = noise(torch.zeros(rows, 3, dtype=torch.long), logits.repeat(rows, 1)).argmax(dim=-1)
+    frequencies = torch.bincount(picks, minlength=5).double() / rows
+    assert torch.allclose(frequencies, logits.softmax(dim=0).double(), atol=0.015)
+    assert frequencies[4] == 0
+
+
+@pytest.mark.parametrize("pair_batch_size", [1, 3, 16])
 def test_filter_scores_equal_per_pair_calls(tiny_pair, images, pair_batch_size):
     captions = [
         ["a red circle on a blue background", "IMG_2031.JPG"],
@@ -102,4 +131,14 @@ def test_bf16_runs_and_stays_close_to_fp32(tiny_pair, images):
         for a, b in zip(row_exact, row_half):
             assert b.itm == pytest.approx(a.itm, abs=2e-2) and b.itc == pytest.approx(a.itc, abs=2e-2)
     settings = DecodingSettings(num_beams=2, max_length=10, min_length=3)
-    assert len(load_captioner(str(tiny_pair[0]), settings, "cpu", torch.bfloat16).caption(images)) == len(images)
+    captioner = load_captioner(str(tiny_pair[0]), settings, "cpu", torch.bfloat16)
+    assert len(captioner.caption(images, [str(i) for i in range(len(images))])) == len(images)
+
+
+def test_filter_scores_are_bit_identical_whatever_the_batch(tiny_pair, images):
+    """Reruns with another batch size must write the same bytes, so scores may not move even by 1 ulp."""
+    captions = [["a red circle on a blue background", "IMG_2031.JPG", "a large star"]] * len(images)
+    filter_ = load_filter(str(tiny_pair[1]), "cpu", torch.float32, text_max_tokens=35)
+    together = filter_.score(images, captions, itm=True, itc=True)
+    alone = [filter_.score([image], [texts], itm=True, itc=True)[0] for image, texts in zip(images, captions)]
+    assert together == alone

@@ -65,8 +65,9 @@ class Captioner(ABC):
     settings: DecodingSettings
 
     @abstractmethod
-    def caption(self, images: list[Image.Image]) -> list[list[str]]:
-        """`settings.num_captions` captions per image, prompt stripped, in image order."""
+    def caption(self, images: list[Image.Image], keys: list[str]) -> list[list[str]]:
+        """`settings.num_captions` captions per image, prompt stripped, in image order. Sampling is seeded by
+        `settings.seed` and each image's sample key, so a caption does not depend on the batch."""
 
 
 class Filter(ABC):

@@ -11,10 +11,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval
+from transformers import (
+    AutoProcessor,
+    BlipForConditionalGeneration,
+    BlipForImageTextRetrieval,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from capfilt.models.base import Captioner, CaptionScores, DecodingSettings, Filter
 from capfilt.models.loading import load_pretrained
+from capfilt.models.sampling import KeyedGumbelNoise, sample_seed
 
 
 class BlipCaptioner(Captioner):
@@ -27,33 +36,71 @@ class BlipCaptioner(Captioner):
         self.model.to(self.device).eval()
         self.dtype = dtype
 
-    def generate_kwargs(self) -> dict:
-        """The `generate` arguments for the settings, as BLIP's CapFilt used them."""
+    def length_kwargs(self) -> dict:
         s = self.settings
-        kwargs = dict(
-            max_length=s.max_length,
-            min_length=s.min_length,
-            num_return_sequences=s.num_captions,
-            repetition_penalty=s.effective_repetition_penalty,
+        return dict(
+            max_length=s.max_length, min_length=s.min_length, repetition_penalty=s.effective_repetition_penalty
         )
-        if s.method == "beam":
-            kwargs.update(num_beams=s.num_beams, do_sample=False)
-        else:
-            kwargs.update(do_sample=True, top_p=s.top_p, num_beams=1)
-        return kwargs
 
     @torch.inference_mode()
-    def caption(self, images: list[Image.Image]) -> list[list[str]]:
+    def caption(self, images: list[Image.Image], keys: list[str]) -> list[list[str]]:
         prompt = self.settings.prompt
         inputs = self.processor(images=images, text=[prompt] * len(images) if prompt else None, return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        if self.settings.method == "nucleus":
-            torch.manual_seed(self.settings.seed)
-        sequences = self.model.generate(**inputs, **self.generate_kwargs())
+        if self.settings.method == "beam":
+            sequences = self.model.generate(
+                **inputs,
+                num_beams=self.settings.num_beams,
+                num_return_sequences=self.settings.num_captions,
+                do_sample=False,
+                **self.length_kwargs(),
+            )
+        else:
+            sequences = self._sample(inputs, keys)
         texts = self.processor.batch_decode(sequences, skip_special_tokens=True)
         n = self.settings.num_captions
         return [[strip_prompt(t, prompt) for t in texts[i * n : (i + 1) * n]] for i in range(len(images))]
+
+    def _sample(self, inputs: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
+        """Nucleus sampling, each caption seeded by (seed, key, index): what `BlipForConditionalGeneration.
+        generate` does (prompt's [CLS] swapped for [DEC], its last [SEP] dropped, decoding cross-attending to
+        the image), with the image encoded once for all of its captions and keyed Gumbel-max sampling."""
+        n, config = self.settings.num_captions, self.model.config.text_config
+        image_embeds = self.model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
+        image_embeds = image_embeds.repeat_interleave(n, dim=0)
+        rows = image_embeds.shape[0]
+        if "input_ids" in inputs:
+            input_ids = inputs["input_ids"].repeat_interleave(n, dim=0)[:, :-1].clone()
+            attention_mask = inputs["attention_mask"].repeat_interleave(n, dim=0)[:, :-1]
+        else:
+            input_ids = torch.full((rows, 1), 0, dtype=torch.long, device=self.device)
+            attention_mask = torch.ones_like(input_ids)
+        input_ids[:, 0] = config.bos_token_id
+        seeds = [sample_seed(self.settings.seed, key, j) for key in keys for j in range(n)]
+        return self.model.text_decoder.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device),
+            eos_token_id=config.sep_token_id,
+            pad_token_id=config.pad_token_id,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([*self._warpers(), KeyedGumbelNoise(seeds)]),
+            **self.length_kwargs(),
+        )
+
+    def _warpers(self) -> list:
+        """The filters `generate(do_sample=True)` would apply: the checkpoint's temperature and top-k, our top-p."""
+        generation = self.model.generation_config
+        warpers = []
+        if generation.temperature is not None and generation.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(generation.temperature))
+        if generation.top_k:
+            warpers.append(TopKLogitsWarper(generation.top_k))
+        if self.settings.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(self.settings.top_p))
+        return warpers
 
 
 def strip_prompt(text: str, prompt: str) -> str:
@@ -66,7 +113,7 @@ def strip_prompt(text: str, prompt: str) -> str:
 
 class BlipFilter(Filter):
     def __init__(
-        self, model_id: str, device: str, dtype: torch.dtype, text_max_tokens: int, pair_batch_size: int = 256
+        self, model_id: str, device: str, dtype: torch.dtype, text_max_tokens: int, pair_batch_size: int = 16
     ) -> None:
         self.model_id = model_id
         self.device = torch.device(device)
@@ -80,7 +127,7 @@ class BlipFilter(Filter):
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Tokenise as the reference call does, truncated to the filter's text length (BLIP: 35 tokens)."""
         tokens = self.processor.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.text_max_tokens, return_tensors="pt"
+            texts, padding="max_length", truncation=True, max_length=self.text_max_tokens, return_tensors="pt"
         )
         return {k: tokens[k].to(self.device) for k in ("input_ids", "attention_mask")}
 
@@ -93,16 +140,19 @@ class BlipFilter(Filter):
             return [[] for _ in images]
         pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
         image_embeds = self.model.vision_model(pixel_values=pixel_values.to(self.device, self.dtype)).last_hidden_state
-        image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1) if itc else None
 
         itm_scores: list[float | None] = []
         itc_scores: list[float | None] = []
         for start in range(0, len(pairs), self.pair_batch_size):
             chunk = pairs[start : start + self.pair_batch_size]
+            count = len(chunk)
+            # Every text pass has the same shape (rows padded with repeats, tokens to the maximum length):
+            # then a pair's scores are bit-identical whatever batch it came in, and reruns give the same bytes.
+            chunk += [chunk[0]] * (self.pair_batch_size - count)
             index = torch.tensor([i for i, _ in chunk], device=self.device)
             tokens = self.tokenize([text for _, text in chunk])
-            itm_scores += self._itm(image_embeds[index], tokens) if itm else [None] * len(chunk)
-            itc_scores += self._itc(image_feat[index], tokens) if itc else [None] * len(chunk)
+            itm_scores += self._itm(image_embeds[index], tokens)[:count] if itm else [None] * count
+            itc_scores += self._itc(image_embeds[index], tokens)[:count] if itc else [None] * count
 
         scores = [CaptionScores(a, b) for a, b in zip(itm_scores, itc_scores)]
         result, offset = [], 0
@@ -120,8 +170,9 @@ class BlipFilter(Filter):
         logits = self.model.itm_head(hidden[:, 0, :]).float()
         return logits.softmax(dim=-1)[:, 1].tolist()
 
-    def _itc(self, image_feat: torch.Tensor, tokens: dict[str, torch.Tensor]) -> list[float]:
+    def _itc(self, image_embeds: torch.Tensor, tokens: dict[str, torch.Tensor]) -> list[float]:
         """Cosine of the unimodal image and text projections."""
+        image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
         hidden = self.model.text_encoder(**tokens).last_hidden_state
         text_feat = F.normalize(self.model.text_proj(hidden[:, 0, :]).float(), dim=-1)
         return (image_feat * text_feat).sum(dim=-1).tolist()
