@@ -50,6 +50,7 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per model b
 Seed = Annotated[int, typer.Option("--seed", help="Seed of nucleus sampling.")]
 StorageOptions = Annotated[Optional[str], typer.Option("--storage-options", help="fsspec options as JSON.")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar or summary table.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo every shard instead of resuming.")]
 
 
 def resolve_device(device: str, dtype: str) -> tuple[str, str]:
@@ -117,6 +118,12 @@ def execute(command: Command, input: str, output: str, quiet: bool, device: str,
         _fail(f"--storage-options is not valid JSON: {error}")
     except CapfiltError as error:
         _fail(str(error))
+    except OSError as error:  # unwritable output, full disk, lost mount: the system's own words suffice
+        _fail(f"{error.strerror or error}{f': {error.filename}' if error.filename else ''}")
+    except KeyboardInterrupt:
+        print("capfilt: interrupted; the shard in progress was abandoned, finished shards are kept. "
+              "Rerun the same command to resume.", file=sys.stderr)
+        raise typer.Exit(code=130)
     console.print(summary_table(summary))
     if summary.failed_shards:
         _fail(f"{len(summary.failed_shards)} shard(s) failed: {', '.join(summary.failed_shards)} (see the summary)")
@@ -134,7 +141,7 @@ def caption(
     min_length: MinLength = None, repetition_penalty: RepetitionPenalty = None, prompt: Prompt = None,
     input_format: InputFormat = None, output_format: OutputFormat = None, caption_column: CaptionColumn = None,
     image_column: ImageColumn = None, device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = 32,
-    seed: Seed = 0, storage_options: StorageOptions = None, quiet: Quiet = False,
+    seed: Seed = 0, storage_options: StorageOptions = None, quiet: Quiet = False, overwrite: Overwrite = False,
 ) -> None:
     """Add synthetic captions (nucleus sampling by default, beam search with --num-beams)."""
     try:
@@ -146,7 +153,7 @@ def caption(
     execute(Command.caption, input, output, quiet, device, dtype, storage_options,
             captioner=captioner or p.captioner, decoding=decoding, input_format=input_format,
             output_format=output_format, caption_column=caption_column, image_column=image_column,
-            batch_size=batch_size)
+            batch_size=batch_size, overwrite=overwrite)
 
 
 @app.command("filter")
@@ -156,6 +163,7 @@ def filter_command(
     mode: Mode = FilterMode.drop, input_format: InputFormat = None, output_format: OutputFormat = None,
     caption_column: CaptionColumn = None, image_column: ImageColumn = None, device: Device = "auto",
     dtype: Dtype = "auto", batch_size: BatchSize = 32, storage_options: StorageOptions = None, quiet: Quiet = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Score web and synthetic captions (ITM and/or ITC) and drop, or annotate, the pairs that do not match."""
     try:
@@ -166,7 +174,7 @@ def filter_command(
     execute(Command.filter, input, output, quiet, device, dtype, storage_options,
             filter=filter or p.filter, filtering=filtering, input_format=input_format,
             output_format=output_format, caption_column=caption_column, image_column=image_column,
-            batch_size=batch_size)
+            batch_size=batch_size, overwrite=overwrite)
 
 
 @app.command()
@@ -178,7 +186,7 @@ def bootstrap(
     itc_threshold: ItcThreshold = None, mode: Mode = FilterMode.drop, input_format: InputFormat = None,
     output_format: OutputFormat = None, caption_column: CaptionColumn = None, image_column: ImageColumn = None,
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = 32, seed: Seed = 0,
-    storage_options: StorageOptions = None, quiet: Quiet = False,
+    storage_options: StorageOptions = None, quiet: Quiet = False, overwrite: Overwrite = False,
 ) -> None:
     """Caption, then filter the web caption and every synthetic caption, in one pass (CapFilt)."""
     try:
@@ -191,7 +199,8 @@ def bootstrap(
     execute(Command.bootstrap, input, output, quiet, device, dtype, storage_options,
             captioner=captioner or p.captioner, filter=filter or p.filter, decoding=decoding,
             filtering=filtering, input_format=input_format, output_format=output_format,
-            caption_column=caption_column, image_column=image_column, batch_size=batch_size)
+            caption_column=caption_column, image_column=image_column, batch_size=batch_size,
+            overwrite=overwrite)
 
 
 @app.command()

@@ -63,6 +63,7 @@ class RunConfig:
     dtype: str = "float32"
     batch_size: int = 32
     decode_workers: int = 2
+    overwrite: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -7,6 +7,8 @@ its header before Pillow allocates its pixels.
 
 from __future__ import annotations
 
+import re
+
 import io
 import warnings
 
@@ -87,4 +89,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _describe(error: Exception) -> str:
-    return f"{type(error).__name__}: {error}"
+    """The error in words, without object addresses, so that reruns write the same rejects file."""
+    return f"{type(error).__name__}: {_ADDRESS.sub('', str(error))}"
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")

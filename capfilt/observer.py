@@ -16,3 +16,6 @@ class Observer:
 
     def shard_finished(self, stats: ShardStats) -> None: ...
 
+    def batch_split(self, stage: str, batch_size: int) -> None:
+        """A stage ran out of device memory and goes on with batches of `batch_size` samples."""
+

@@ -2,7 +2,9 @@
 
 The shard is the unit of work: its output shard, rejects, dropped list and stats are all written under
 temporary names and moved into place when the shard is complete, stats last (its presence marks a finished
-shard). Reading and decoding of the next batch overlap the models' work on the current one.
+shard), so rerunning the same command resumes where a killed run stopped. Reading and decoding of the next
+batch overlap the models' work on the current one; a model stage whose batch runs out of device memory is
+retried in halves.
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-from fsspec import AbstractFileSystem
+import torch
 
 from capfilt import __version__
 from capfilt.config import Command, RunConfig
@@ -25,28 +26,12 @@ from capfilt.formats import get_format
 from capfilt.formats.base import Shard
 from capfilt.models import load_captioner, load_filter
 from capfilt.observer import Observer
+from capfilt.output import SUMMARY_FILE, OutputDirectory
 from capfilt.paths import check_output_apart, resolve_input, resolve_output
 from capfilt.sample import Reject, Sample
 from capfilt.schema import capfilt_fields
 from capfilt.stages import Batch, CaptionStage, DecodeStage, FilterStage, Stage
 from capfilt.stats import RunSummary, ShardStats
-
-RUN_FILE = "capfilt_run.json"
-SUMMARY_FILE = "capfilt_summary.json"
-
-
-@dataclass
-class ShardOutputs:
-    """Where one shard's side files go, beside the output shard itself."""
-
-    stats: str
-    rejects: str
-    dropped: str
-
-    @classmethod
-    def of(cls, output_dir: str, shard_name: str) -> "ShardOutputs":
-        base = f"{output_dir.rstrip('/')}/{shard_name}"
-        return cls(stats=f"{base}_stats.json", rejects=f"{base}_rejects.jsonl", dropped=f"{base}_dropped.jsonl")
 
 
 class Pipeline:
@@ -59,14 +44,17 @@ class Pipeline:
             config.input, config.input_format, config.storage_options
         )
         self.output_format = get_format(config.output_format or self.input_format.name)
-        self.fs_out, self.output_dir = resolve_output(config.output, config.storage_options)
-        check_output_apart(self.fs_in, self.shards, self.fs_out, self.output_dir)
+        self.fs_out, output_dir = resolve_output(config.output, config.storage_options)
+        check_output_apart(self.fs_in, self.shards, self.fs_out, output_dir)
+        self.output = OutputDirectory(self.fs_out, output_dir, self.output_format)
         self.executor = ThreadPoolExecutor(max_workers=max(1, config.decode_workers))
-        self.stages = self._build_stages()
+        self.stage_batch_limit: dict[str, int] = {}
+        self.decode = DecodeStage(self.executor, DEFAULT_MAX_PIXELS)
+        self.stages = self._build_model_stages()
 
-    def _build_stages(self) -> list[Stage]:
+    def _build_model_stages(self) -> list[Stage]:
         c = self.config
-        stages: list[Stage] = [DecodeStage(self.executor, DEFAULT_MAX_PIXELS)]
+        stages: list[Stage] = []
         if c.command in (Command.caption, Command.bootstrap):
             stages.append(CaptionStage(load_captioner(c.captioner, c.decoding, c.device, c.torch_dtype)))
         if c.command in (Command.filter, Command.bootstrap):
@@ -75,41 +63,46 @@ class Pipeline:
         return stages
 
     def run(self) -> RunSummary:
+        """Process every shard not already complete in the output; the summary covers all of them."""
         started = time.perf_counter()
-        self._write_json(f"{self.output_dir}/{RUN_FILE}", {"capfilt_version": __version__, **self.config.record()})
-        self.observer.run_started(len(self.shards))
-        all_stats = []
+        settings = json.loads(json.dumps({"capfilt_version": __version__, **self.config.record()}))
+        self.output.lock()
         try:
+            self.output.prepare(settings, self.shards, self.config.overwrite)
+            self.observer.run_started(len(self.shards))
+            all_stats = []
             for shard in self.shards:
-                self.observer.shard_started(shard.name)
-                stats = self.run_shard(shard)
+                stats = self.output.completed(shard)
+                if stats is None:
+                    self.observer.shard_started(shard.name)
+                    stats = self.run_shard(shard)
                 all_stats.append(stats)
                 self.observer.shard_finished(stats)
+            summary = RunSummary.merge(all_stats, time.perf_counter() - started)
+            self.output.write_json(self.output.file(SUMMARY_FILE), summary.record())
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
-        summary = RunSummary.merge(all_stats, time.perf_counter() - started)
-        self._write_json(f"{self.output_dir}/{SUMMARY_FILE}", summary.record())
+            self.output.unlock()
         return summary
 
     def run_shard(self, shard: Shard) -> ShardStats:
         stats = ShardStats(shard=shard.name)
         started = time.perf_counter()
-        outputs = ShardOutputs.of(self.output_dir, shard.name)
+        side_files = self.output.side_files(shard.name)
         try:
             layout = self.input_format.table_layout(
                 self.fs_in, shard, self.config.caption_column, self.config.image_column
             )
         except ShardReadError as error:  # nothing of this shard can be read: no output shard, only its stats
             stats.error = str(error)
-            self._write_json(outputs.stats, stats.record())
+            self.output.write_json(side_files["stats"], stats.record())
             return stats
-        writer = self.output_format.open_writer(self.fs_out, self.output_dir, shard.name, layout)
         rejects: list[Reject] = []
         dropped: list[Sample] = []
-        with writer:
+        with self.output_format.open_writer(self.fs_out, self.output.path, shard.name, layout) as writer:
             for batch in self._batches(shard, stats):
                 for stage in self.stages:
-                    batch = stage.process(batch, stats)
+                    batch = self._process(stage, batch, stats)
                 for sample in batch.samples:
                     writer.write(sample)
                 stats.written += len(batch.samples)
@@ -119,14 +112,38 @@ class Pipeline:
                 rejects += batch.rejects
                 dropped += batch.dropped
                 self.observer.samples_done(len(batch.samples) + len(batch.dropped) + len(batch.rejects))
-        self._write_jsonl(outputs.rejects, [r.record() for r in rejects])
-        self._write_jsonl(outputs.dropped, [{"key": s.key, **capfilt_fields(s)} for s in dropped])
+        self.output.write_jsonl(side_files["rejects"], [r.record() for r in rejects])
+        self.output.write_jsonl(side_files["dropped"], [{"key": s.key, **capfilt_fields(s)} for s in dropped])
         stats.seconds = round(time.perf_counter() - started, 3)
-        self._write_json(outputs.stats, stats.record())
+        self.output.write_json(side_files["stats"], stats.record())  # last: it marks the shard complete
         return stats
 
+    def _process(self, stage: Stage, batch: Batch, stats: ShardStats) -> Batch:
+        """Run a stage in parts no larger than the largest that fitted in memory; when a part runs out of
+        device memory, halve it, retry, and keep the smaller size for the rest of the run."""
+        limit = self.stage_batch_limit.get(stage.name, len(batch.samples))
+        if len(batch.samples) <= limit:
+            try:
+                return stage.process(batch, stats)
+            except torch.cuda.OutOfMemoryError:
+                if len(batch.samples) <= 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                limit = len(batch.samples) // 2
+                self.stage_batch_limit[stage.name] = limit
+                self.observer.batch_split(stage.name, limit)
+        merged = Batch([], batch.rejects, batch.dropped)
+        for start in range(0, len(batch.samples), limit):
+            part = self._process(stage, Batch(batch.samples[start : start + limit]), stats)
+            merged.samples += part.samples
+            merged.rejects += part.rejects
+            merged.dropped += part.dropped
+        return merged
+
     def _batches(self, shard: Shard, stats: ShardStats) -> Iterator[Batch]:
-        """Batches of read samples, filled in a background thread so reading overlaps the models."""
+        """Batches of read and decoded samples, made in a background thread so that reading and decoding
+        (itself spread over the decode workers) overlap the models' work on the previous batch."""
         items: queue.Queue = queue.Queue(maxsize=4)
         stop = threading.Event()
 
@@ -145,9 +162,9 @@ class Pipeline:
                             item.web_caption = None
                         batch.samples.append(item)
                     if len(batch.samples) + len(batch.rejects) >= self.config.batch_size:
-                        items.put(batch)
+                        items.put(self.decode.process(batch, stats))
                         batch = Batch([])
-                items.put(batch)
+                items.put(self.decode.process(batch, stats))
             except BaseException as error:  # handed to the consumer, which decides what it means
                 items.put(error)
             items.put(None)
@@ -170,18 +187,6 @@ class Pipeline:
                     items.get_nowait()
                 except queue.Empty:
                     thread.join(timeout=0.05)
-
-    def _write_json(self, path: str, record: dict) -> None:
-        self._write_atomic(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-
-    def _write_jsonl(self, path: str, records: list[dict]) -> None:
-        self._write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-    def _write_atomic(self, path: str, text: str) -> None:
-        temporary = f"{path}.tmp"
-        with self.fs_out.open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        self.fs_out.mv(temporary, path)
 
 
 def run(config: RunConfig, observer: Observer | None = None) -> RunSummary:

@@ -48,6 +48,9 @@ class RichProgress(Observer):
         rate = self.samples / max(time.perf_counter() - self.started, 1e-9)
         self.progress.update(self.sample_task, advance=count, rate=f"{rate:.1f} images/s")
 
+    def batch_split(self, stage: str, batch_size: int) -> None:
+        self.console.print(f"[yellow]{stage}: out of device memory; going on with batches of {batch_size}")
+
     def shard_finished(self, stats: ShardStats) -> None:
         self.progress.advance(self.shard_task)
         if stats.error:

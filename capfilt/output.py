@@ -1,0 +1,124 @@
+"""The output directory of a run: its lock, its recorded settings, and which shards are already complete.
+
+Rerunning the same command resumes: a shard whose stats file exists (written last, after the shard and its
+side files) and records no error is complete and skipped. Leftover temporaries of a killed run are removed
+first. A rerun with settings that change the output is refused rather than mixing results; `--overwrite`
+starts again. One run at a time may write a directory: an advisory lock (flock) that the kernel releases
+when its process dies, so a killed run never leaves it stuck.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from typing import IO, Any
+
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+from capfilt.errors import ConfigError, OutputError
+from capfilt.formats.base import Format, Shard
+from capfilt.stats import ShardStats
+
+RUN_FILE = "capfilt_run.json"
+SUMMARY_FILE = "capfilt_summary.json"
+LOCK_FILE = "capfilt.lock"
+# Settings that do not change what is written: a resumed run may differ in these.
+NON_OUTPUT_SETTINGS = ("device", "batch_size", "decode_workers", "overwrite", "capfilt_version")
+
+
+class OutputDirectory:
+    def __init__(self, fs: AbstractFileSystem, path: str, output_format: Format) -> None:
+        self.fs, self.path, self.format = fs, path.rstrip("/"), output_format
+        self._lock: IO[str] | None = None
+
+    def file(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    def side_files(self, shard_name: str) -> dict[str, str]:
+        """Paths of a shard's stats, rejects and dropped lists, beside the output shard."""
+        return {kind: self.file(f"{shard_name}_{kind}{ext}") for kind, ext in
+                (("stats", ".json"), ("rejects", ".jsonl"), ("dropped", ".jsonl"))}
+
+    def lock(self) -> None:
+        """Take the directory for this run, or fail in one line when another live run holds it."""
+        if not isinstance(self.fs, LocalFileSystem):
+            return  # object stores have no locks; shards are still written atomically
+        handle = open(self.file(LOCK_FILE), "a+")  # noqa: SIM115 (held until unlock)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise OutputError(f"another capfilt run ({holder}) is writing to {self.path}; wait for it to finish")
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        handle.flush()
+        self._lock = handle
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.file(LOCK_FILE))
+            self._lock.close()
+            self._lock = None
+
+    def prepare(self, settings: dict[str, Any], shards: list[Shard], overwrite: bool) -> None:
+        """Check or record the run's settings, clear what a killed run left, or everything on overwrite."""
+        run_file = self.file(RUN_FILE)
+        if overwrite:
+            self._remove_outputs(shards)
+        elif self.fs.exists(run_file):
+            previous = json.loads(self.fs.cat_file(run_file))
+            changed = _changed_settings(previous, settings)
+            if changed:
+                raise ConfigError(
+                    f"{self.path} holds the output of a run with other settings ({'; '.join(changed)}); "
+                    "rerun with the same settings to resume, pass --overwrite to start again, or use another output"
+                )
+        for leftover in self.fs.glob(self.file("*.tmp")):
+            self.fs.rm(leftover, recursive=True)
+        self.write_json(run_file, settings)
+
+    def completed(self, shard: Shard) -> ShardStats | None:
+        """The stats of a shard a previous run finished, or None when it must be (re)done."""
+        stats_path = self.side_files(shard.name)["stats"]
+        if not self.fs.exists(stats_path):
+            return None
+        try:
+            stats = ShardStats.from_record(json.loads(self.fs.cat_file(stats_path)))
+        except (ValueError, TypeError):
+            return None
+        if stats.error or not all(self.fs.exists(p) for p in self.format.output_paths(self.path, shard.name)):
+            return None
+        return stats
+
+    def _remove_outputs(self, shards: list[Shard]) -> None:
+        paths = [self.file(RUN_FILE), self.file(SUMMARY_FILE)]
+        for shard in shards:
+            paths += self.format.output_paths(self.path, shard.name) + list(self.side_files(shard.name).values())
+        for path in paths:
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+
+    def write_json(self, path: str, record: dict) -> None:
+        self.write_text(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+
+    def write_jsonl(self, path: str, records: list[dict]) -> None:
+        self.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+    def write_text(self, path: str, text: str) -> None:
+        """Write under a temporary name and rename, so a reader never sees half a file."""
+        temporary = f"{path}.tmp"
+        with self.fs.open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        self.fs.mv(temporary, path)
+
+
+def _changed_settings(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = (set(previous) | set(current)) - set(NON_OUTPUT_SETTINGS)
+    return [f"{key}: {previous.get(key)!r} -> {current.get(key)!r}" for key in sorted(keys)
+            if previous.get(key) != current.get(key)]
