@@ -87,3 +87,25 @@ def test_show_lists_written_and_dropped_samples_with_scores(tiny_models, shapes_
     assert result.exit_code == 0
     assert len(re.findall(r"│ written\s+│", result.output)) == summary["written"]
     assert len(re.findall(r"│ dropped\s+│", result.output)) == summary["dropped"]
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tiny_models, shapes_dataset, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli("filter", str(shapes_dataset), str(blocker / "out"), "--filter", tiny_models[1], "--quiet")
+    assert_one_line_error(result, "a-file")
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_half_shard(tiny_models, shapes_dataset, tmp_path, monkeypatch):
+    import errno
+
+    from capfilt.formats import webdataset as webdataset_format
+
+    def no_space(self, sample):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(webdataset_format.TarShardWriter, "write", no_space)
+    out = tmp_path / "out"
+    result = run_cli("filter", str(shapes_dataset), str(out), "--filter", tiny_models[1], "--quiet", "--threshold", "0")
+    assert_one_line_error(result, "No space left on device")
+    assert not list(out.glob("*.tar")) and not list(out.glob("*.tmp"))
