@@ -50,6 +50,9 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per model b
 Seed = Annotated[int, typer.Option("--seed", help="Seed of nucleus sampling.")]
 StorageOptions = Annotated[Optional[str], typer.Option("--storage-options", help="fsspec options as JSON.")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar or summary table.")]
+EagerAttention = Annotated[
+    bool, typer.Option("--eager-attention", help="transformers' own BLIP attention instead of fused SDPA.")
+]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo every shard instead of resuming.")]
 
 
@@ -142,6 +145,7 @@ def caption(
     input_format: InputFormat = None, output_format: OutputFormat = None, caption_column: CaptionColumn = None,
     image_column: ImageColumn = None, device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = 32,
     seed: Seed = 0, storage_options: StorageOptions = None, quiet: Quiet = False, overwrite: Overwrite = False,
+    eager_attention: EagerAttention = False,
 ) -> None:
     """Add synthetic captions (nucleus sampling by default, beam search with --num-beams)."""
     try:
@@ -153,7 +157,7 @@ def caption(
     execute(Command.caption, input, output, quiet, device, dtype, storage_options,
             captioner=captioner or p.captioner, decoding=decoding, input_format=input_format,
             output_format=output_format, caption_column=caption_column, image_column=image_column,
-            batch_size=batch_size, overwrite=overwrite)
+            batch_size=batch_size, overwrite=overwrite, sdpa=not eager_attention)
 
 
 @app.command("filter")
@@ -163,7 +167,7 @@ def filter_command(
     mode: Mode = FilterMode.drop, input_format: InputFormat = None, output_format: OutputFormat = None,
     caption_column: CaptionColumn = None, image_column: ImageColumn = None, device: Device = "auto",
     dtype: Dtype = "auto", batch_size: BatchSize = 32, storage_options: StorageOptions = None, quiet: Quiet = False,
-    overwrite: Overwrite = False,
+    overwrite: Overwrite = False, eager_attention: EagerAttention = False,
 ) -> None:
     """Score web and synthetic captions (ITM and/or ITC) and drop, or annotate, the pairs that do not match."""
     try:
@@ -174,7 +178,7 @@ def filter_command(
     execute(Command.filter, input, output, quiet, device, dtype, storage_options,
             filter=filter or p.filter, filtering=filtering, input_format=input_format,
             output_format=output_format, caption_column=caption_column, image_column=image_column,
-            batch_size=batch_size, overwrite=overwrite)
+            batch_size=batch_size, overwrite=overwrite, sdpa=not eager_attention)
 
 
 @app.command()
@@ -187,6 +191,7 @@ def bootstrap(
     output_format: OutputFormat = None, caption_column: CaptionColumn = None, image_column: ImageColumn = None,
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = 32, seed: Seed = 0,
     storage_options: StorageOptions = None, quiet: Quiet = False, overwrite: Overwrite = False,
+    eager_attention: EagerAttention = False,
 ) -> None:
     """Caption, then filter the web caption and every synthetic caption, in one pass (CapFilt)."""
     try:
@@ -200,7 +205,7 @@ def bootstrap(
             captioner=captioner or p.captioner, filter=filter or p.filter, decoding=decoding,
             filtering=filtering, input_format=input_format, output_format=output_format,
             caption_column=caption_column, image_column=image_column, batch_size=batch_size,
-            overwrite=overwrite)
+            overwrite=overwrite, sdpa=not eager_attention)
 
 
 @app.command()

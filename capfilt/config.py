@@ -63,6 +63,8 @@ class RunConfig:
     dtype: str = "float32"
     batch_size: int = 32
     decode_workers: int = 2
+    # Scaled-dot-product attention instead of transformers' matmul-softmax BLIP attention (same outputs).
+    sdpa: bool = True
     overwrite: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
 

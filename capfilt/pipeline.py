@@ -56,9 +56,9 @@ class Pipeline:
         c = self.config
         stages: list[Stage] = []
         if c.command in (Command.caption, Command.bootstrap):
-            stages.append(CaptionStage(load_captioner(c.captioner, c.decoding, c.device, c.torch_dtype)))
+            stages.append(CaptionStage(load_captioner(c.captioner, c.decoding, c.device, c.torch_dtype, c.sdpa)))
         if c.command in (Command.filter, Command.bootstrap):
-            filter_ = load_filter(c.filter, c.device, c.torch_dtype, c.filtering.text_max_tokens)
+            filter_ = load_filter(c.filter, c.device, c.torch_dtype, c.filtering.text_max_tokens, c.sdpa)
             stages.append(FilterStage(filter_, c.filtering))
         return stages
 

@@ -25,11 +25,13 @@ def model_family(model_id: str, role: str, families: dict) -> str:
     return model_type
 
 
-def load_captioner(model_id: str, settings: DecodingSettings, device: str, dtype: torch.dtype) -> Captioner:
+def load_captioner(
+    model_id: str, settings: DecodingSettings, device: str, dtype: torch.dtype, sdpa: bool = True
+) -> Captioner:
     family = model_family(model_id, "captioner", CAPTIONERS)
-    return CAPTIONERS[family](model_id, settings, device, dtype)
+    return CAPTIONERS[family](model_id, settings, device, dtype, sdpa=sdpa)
 
 
-def load_filter(model_id: str, device: str, dtype: torch.dtype, text_max_tokens: int) -> Filter:
+def load_filter(model_id: str, device: str, dtype: torch.dtype, text_max_tokens: int, sdpa: bool = True) -> Filter:
     family = model_family(model_id, "filter", FILTERS)
-    return FILTERS[family](model_id, device, dtype, text_max_tokens)
+    return FILTERS[family](model_id, device, dtype, text_max_tokens, sdpa=sdpa)

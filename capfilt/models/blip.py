@@ -22,18 +22,23 @@ from transformers import (
 )
 
 from capfilt.models.base import Captioner, CaptionScores, DecodingSettings, Filter
+from capfilt.models.fast_attention import use_sdpa
 from capfilt.models.loading import load_pretrained
 from capfilt.models.sampling import KeyedGumbelNoise, sample_seed
 
 
 class BlipCaptioner(Captioner):
-    def __init__(self, model_id: str, settings: DecodingSettings, device: str, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model_id: str, settings: DecodingSettings, device: str, dtype: torch.dtype, sdpa: bool = True
+    ) -> None:
         self.model_id = model_id
         self.settings = settings
         self.device = torch.device(device)
         self.processor = load_pretrained(AutoProcessor, model_id, "captioner")
         self.model = load_pretrained(BlipForConditionalGeneration, model_id, "captioner", dtype=dtype)
         self.model.to(self.device).eval()
+        if sdpa:
+            use_sdpa(self.model)
         self.dtype = dtype
 
     def length_kwargs(self) -> dict:
@@ -113,7 +118,13 @@ def strip_prompt(text: str, prompt: str) -> str:
 
 class BlipFilter(Filter):
     def __init__(
-        self, model_id: str, device: str, dtype: torch.dtype, text_max_tokens: int, pair_batch_size: int = 16
+        self,
+        model_id: str,
+        device: str,
+        dtype: torch.dtype,
+        text_max_tokens: int,
+        sdpa: bool = True,
+        pair_batch_size: int = 16,
     ) -> None:
         self.model_id = model_id
         self.device = torch.device(device)
@@ -123,6 +134,8 @@ class BlipFilter(Filter):
         self.processor = load_pretrained(AutoProcessor, model_id, "filter")
         self.model = load_pretrained(BlipForImageTextRetrieval, model_id, "filter", dtype=dtype)
         self.model.to(self.device).eval()
+        if sdpa:
+            use_sdpa(self.model)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Tokenise as the reference call does, truncated to the filter's text length (BLIP: 35 tokens)."""
