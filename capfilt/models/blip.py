@@ -124,13 +124,15 @@ class BlipFilter(Filter):
         dtype: torch.dtype,
         text_max_tokens: int,
         sdpa: bool = True,
-        pair_batch_size: int = 16,
+        pair_batch_size: int | None = None,
     ) -> None:
         self.model_id = model_id
         self.device = torch.device(device)
         self.dtype = dtype
         self.text_max_tokens = text_max_tokens
-        self.pair_batch_size = pair_batch_size
+        # Pairs per text pass; fixed per device (not per run) so that outputs do not depend on --batch-size.
+        # Small on CPU, where padding rows cost their full compute and batching gains little.
+        self.pair_batch_size = pair_batch_size or (8 if self.device.type == "cpu" else 32)
         self.processor = load_pretrained(AutoProcessor, model_id, "filter")
         self.model = load_pretrained(BlipForImageTextRetrieval, model_id, "filter", dtype=dtype)
         self.model.to(self.device).eval()
@@ -154,18 +156,22 @@ class BlipFilter(Filter):
         pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
         image_embeds = self.model.vision_model(pixel_values=pixel_values.to(self.device, self.dtype)).last_hidden_state
 
+        tokens = self.tokenize([text for _, text in pairs])
+        image_index = torch.tensor([i for i, _ in pairs], device=self.device)
         itm_scores: list[float | None] = []
         itc_scores: list[float | None] = []
         for start in range(0, len(pairs), self.pair_batch_size):
-            chunk = pairs[start : start + self.pair_batch_size]
-            count = len(chunk)
-            # Every text pass has the same shape (rows padded with repeats, tokens to the maximum length):
-            # then a pair's scores are bit-identical whatever batch it came in, and reruns give the same bytes.
-            chunk += [chunk[0]] * (self.pair_batch_size - count)
-            index = torch.tensor([i for i, _ in chunk], device=self.device)
-            tokens = self.tokenize([text for _, text in chunk])
-            itm_scores += self._itm(image_embeds[index], tokens)[:count] if itm else [None] * count
-            itc_scores += self._itc(image_embeds[index], tokens)[:count] if itc else [None] * count
+            count = min(self.pair_batch_size, len(pairs) - start)
+            # Every text pass has the same shape (rows padded with repeats of the first, tokens to the maximum
+            # length): then a pair's scores are bit-identical whatever batch it came in, and reruns give the
+            # same bytes.
+            rows = torch.tensor(
+                list(range(start, start + count)) + [start] * (self.pair_batch_size - count), device=self.device
+            )
+            chunk_tokens = {name: values[rows] for name, values in tokens.items()}
+            chunk_images = image_embeds[image_index[rows]]
+            itm_scores += self._itm(chunk_images, chunk_tokens)[:count] if itm else [None] * count
+            itc_scores += self._itc(chunk_images, chunk_tokens)[:count] if itc else [None] * count
 
         scores = [CaptionScores(a, b) for a, b in zip(itm_scores, itc_scores)]
         result, offset = [], 0
