@@ -108,10 +108,11 @@ def _expand(fs: AbstractFileSystem, paths: list[str], spec: str) -> list[str]:
 
 
 def _format_of_matches(fs: AbstractFileSystem, matches: list[str], spec: str) -> Format:
-    """The one format of the paths a pattern matched: folders are `files` shards, files go by suffix."""
+    """The one format of the paths a pattern matched: a path named with a format's suffix is that format's
+    shard (a folder so named fails alone when read), other folders are `files` shards."""
     found: dict[str, Format] = {}
     for path in matches:
-        fmt = FORMATS["files"] if fs.isdir(path) else _format_of_file(path)
+        fmt = _format_of_file(path) or (FORMATS["files"] if fs.isdir(path) else None)
         if fmt is None:
             raise InputError(f"input {spec} matches {path}, which is not a shard ({_SUFFIXES}); narrow the pattern")
         found[fmt.name] = fmt

@@ -148,8 +148,8 @@ class Pipeline:
         stop = threading.Event()
 
         def produce() -> None:
+            batch = Batch([])
             try:
-                batch = Batch([])
                 for item in self.input_format.read_shard(
                     self.fs_in, shard, self.config.caption_column, self.config.image_column
                 ):
@@ -165,6 +165,9 @@ class Pipeline:
                         items.put(self.decode.process(batch, stats))
                         batch = Batch([])
                 items.put(self.decode.process(batch, stats))
+            except ShardReadError as error:  # the samples read before the break are still processed
+                items.put(self.decode.process(batch, stats))
+                items.put(error)
             except BaseException as error:  # handed to the consumer, which decides what it means
                 items.put(error)
             items.put(None)

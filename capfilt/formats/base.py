@@ -7,7 +7,7 @@ of work: one input shard gives one output shard of the same name.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TypeVar
@@ -16,6 +16,7 @@ import pyarrow as pa
 from fsspec import AbstractFileSystem
 
 from capfilt.sample import Reject, Sample
+from capfilt.schema import restore_capfilt_fields
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,96 @@ class ShardWriter(ABC):
             raise
 
 
+def restore_fields(sample: Sample) -> str | None:
+    """Restore the capfilt fields an earlier run recorded in the sample's metadata (`restore_capfilt_fields`);
+    what is wrong with them when they are malformed or not of the documented types (the sample is then a
+    `bad_json` reject, since a caption that is not text would break the models), else None."""
+    try:
+        restore_capfilt_fields(sample)
+    except (AttributeError, KeyError, TypeError, ValueError, RecursionError) as error:
+        return f"malformed capfilt fields: {error!r}"
+    if not isinstance(sample.web_caption, (str, type(None))):
+        return f"web_caption is of type {type(sample.web_caption).__name__}, not text"
+    scores = [(sample.web_itm_score, sample.web_itc_score, sample.web_kept, "web")]
+    for caption in sample.synthetic_captions:
+        if not isinstance(caption.text, str):
+            return f"a synthetic caption's text is of type {type(caption.text).__name__}, not text"
+        if not isinstance(caption.captioner, (str, type(None))) or not isinstance(caption.decoding, (dict, type(None))):
+            return f"synthetic caption {caption.text!r} has a malformed captioner or decoding"
+        scores.append((caption.itm_score, caption.itc_score, caption.kept, repr(caption.text)))
+    for itm, itc, kept, name in scores:
+        if not all(_is_score(score) for score in (itm, itc)) or not isinstance(kept, (bool, type(None))):
+            return f"caption {name} has scores or a decision of the wrong type"
+    return None
+
+
+def _is_score(value: object) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+# Longest part of a key between slashes, in UTF-8 bytes: `KEY.ext` must fit a 255-byte file name.
+MAX_KEY_PART_BYTES = 200
+
+
+def checked_keys(items: Iterable[Sample | Reject]) -> Iterator[Sample | Reject]:
+    """A shard's items as a reader yields them, with the samples no output can hold turned into rejects.
+
+    A sample whose names cannot be written safely is a `bad_name` reject (see `name_problem`). A sample whose
+    key an earlier sample of the shard already has is a `duplicate_key` reject: the first occurrence is the one
+    processed, so an output shard never holds a key twice. A reader's own reject keeps its reason, its key and
+    detail escaped where they are not UTF-8 text.
+    """
+    seen: set[str] = set()
+    for item in items:
+        if isinstance(item, Reject):
+            yield Reject(writable_text(item.key), item.reason, writable_text(item.detail))
+            continue
+        problem = name_problem(item)
+        if problem:
+            yield Reject(writable_text(item.key), "bad_name", problem)
+        elif item.key in seen:
+            yield Reject(item.key, "duplicate_key", "an earlier sample of this shard has the same key")
+        else:
+            seen.add(item.key)
+            yield item
+
+
+def name_problem(sample: Sample) -> str | None:
+    """Why the sample's key or member names cannot name files in every output format, else None.
+
+    Keys become file names (`KEY.jpg` in a tar or a folder), and keys and extensions are written as UTF-8 text
+    (rejects, Parquet), so: UTF-8 text without NUL; a relative path that stays inside the shard (not absolute,
+    no `..` part) whose last part names visible files (not empty, no leading dot); each part short enough for
+    a file name.
+    """
+    key = sample.key
+    if not all(_is_text(name) for name in (key, *sample.extra_members)):
+        return "the key or a member name is not UTF-8 text"
+    if "\0" in key:
+        return "the key holds a NUL character"
+    parts = key.split("/")
+    if key.startswith("/") or ".." in parts:
+        return "the key leads out of the shard's folder (an absolute path or a '..' part)"
+    if not parts[-1] or parts[-1].startswith("."):
+        return "the key names no file or a hidden one (it is empty, ends with '/' or its last part starts with '.')"
+    if any(len(part.encode("utf-8")) > MAX_KEY_PART_BYTES for part in parts):
+        return f"a part of the key is longer than {MAX_KEY_PART_BYTES} bytes, too long for a file name"
+    return None
+
+
+def writable_text(text: str) -> str:
+    """`text`, with the undecodable bytes a reader kept as surrogates written as `\\udcXX` escapes."""
+    return text if _is_text(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_text(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Format(ABC):
     name: str
     # File name endings of this format's shards, longest first; empty for a format whose shards are folders.
@@ -107,7 +198,9 @@ class Format(ABC):
 
         `caption_column` / `image_column` override where the caption / image is found (a member extension
         for webdataset and files, a column for Parquet). A shard that cannot be read to its end raises
-        `ShardReadError` after yielding what it could read.
+        `ShardReadError` after yielding what it could read. A sample whose key an earlier sample of the shard
+        already has is a `duplicate_key` reject, one whose names no output could hold a `bad_name` reject
+        (see `checked_keys`).
         """
 
     def table_layout(

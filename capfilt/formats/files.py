@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from fsspec import AbstractFileSystem
 
 from capfilt.errors import ShardReadError
-from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout
+from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, checked_keys
 from capfilt.formats.webdataset import IMAGE_EXTS, list_files, sample_from_members, sample_members
 from capfilt.sample import Reject, Sample
 
@@ -51,6 +51,11 @@ class FilesFormat(Format):
         shard: Shard,
         caption_column: str | None,
         image_column: str | None = None,
+    ) -> Iterator[Sample | Reject]:
+        return checked_keys(self._read_folder(fs, shard, caption_column, image_column))
+
+    def _read_folder(
+        self, fs: AbstractFileSystem, shard: Shard, caption_column: str | None, image_column: str | None
     ) -> Iterator[Sample | Reject]:
         try:
             paths = list_files(fs, shard.path)

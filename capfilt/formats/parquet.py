@@ -3,8 +3,9 @@
 Read: img2dataset's `parquet` output (columns key, caption, url, ..., `jpg` binary) and Hugging Face datasets
 (an `image` struct column {bytes, path} and a `text` column). The image column is `image_column` if given,
 else the first of jpg, png, webp, image; the caption column is `caption_column` if given, else the first of
-caption, text, txt; the key is the `key` column, else the row index as 9 digits. Every other column goes into
-`Sample.metadata`. Rows are read a batch at a time, never the whole file.
+caption, text, txt (a string column, or a binary one holding UTF-8 text); the key is the `key` column, else the
+row index as 9 digits, and a row whose key an earlier row of the file has is a `duplicate_key` reject. Every
+other column goes into `Sample.metadata`. Rows are read a batch at a time, never the whole file.
 
 Write from a Parquet input (given its `TableLayout`): every input column with its exact type and the schema's
 metadata, the image written back the same way, the caption column holding the primary caption, a `key`
@@ -32,10 +33,10 @@ from fsspec import AbstractFileSystem
 
 from capfilt.decode import sniff_image_ext
 from capfilt.errors import ShardReadError
-from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout
-from capfilt.formats.webdataset import IMAGE_EXTS, json_bytes, list_files
+from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, checked_keys, restore_fields
+from capfilt.formats.webdataset import IMAGE_EXTS, json_bytes, list_named
 from capfilt.sample import Reject, Sample
-from capfilt.schema import ARROW_FIELDS, arrow_fields, primary_caption, restore_capfilt_fields
+from capfilt.schema import ARROW_FIELDS, arrow_fields, primary_caption
 
 IMAGE_COLUMNS = ("jpg", "png", "webp", "image")
 CAPTION_COLUMNS = ("caption", "text", "txt")
@@ -59,7 +60,7 @@ class ParquetFormat(Format):
         return bool(self.list_shards(fs, directory))
 
     def list_shards(self, fs: AbstractFileSystem, directory: str) -> list[Shard]:
-        paths = [p for p in list_files(fs, directory) if p.endswith(".parquet")]
+        paths = list_named(fs, directory, self.suffixes)
         return sorted((self.shard_from_path(p) for p in paths), key=lambda shard: shard.name)
 
     def shard_from_path(self, path: str) -> Shard:
@@ -87,15 +88,22 @@ class ParquetFormat(Format):
         caption_column: str | None,
         image_column: str | None = None,
     ) -> Iterator[Sample | Reject]:
+        return checked_keys(self._read_rows(fs, shard, caption_column, image_column))
+
+    def _read_rows(
+        self, fs: AbstractFileSystem, shard: Shard, caption_column: str | None, image_column: str | None
+    ) -> Iterator[Sample | Reject]:
         try:
             with fs.open(shard.path, "rb") as file:
                 parquet = pq.ParquetFile(file)
                 layout = layout_of(parquet.schema_arrow, shard.path, caption_column, image_column)
                 index = 0
-                for batch in parquet.iter_batches(batch_size=_READ_BATCH_ROWS):
-                    for row in batch.to_pylist():
-                        yield sample_from_row(row, index, layout)
-                        index += 1
+                # Batches stay within a row group, so a corrupt group loses none of the rows before it.
+                for group in range(parquet.num_row_groups):
+                    for batch in parquet.iter_batches(batch_size=_READ_BATCH_ROWS, row_groups=[group]):
+                        for row in batch.to_pylist():
+                            yield sample_from_row(row, index, layout)
+                            index += 1
         except (pa.ArrowException, OSError) as error:
             raise ShardReadError(f"cannot read {shard.path} as Parquet: {error}") from error
 
@@ -143,7 +151,7 @@ def _capfilt_marks(schema: pa.Schema) -> dict[str, Any]:
     """The column roles capfilt recorded in the schema metadata of a Parquet file it wrote ({} if none)."""
     try:
         marks = json.loads((schema.metadata or {}).get(CAPFILT_METADATA_KEY, b"{}"))
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return marks if isinstance(marks, dict) else {}
 
@@ -163,6 +171,11 @@ def sample_from_row(row: dict[str, Any], index: int, layout: TableLayout) -> Sam
             key, "missing_image", f"no image bytes in column {layout.image_column}" + (f" ({status})" if status else "")
         )
     caption = row.get(layout.caption_column) if layout.caption_column else None
+    if isinstance(caption, bytes):  # a binary caption column holds UTF-8 text (written back as binary)
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return Reject(key, "bad_caption", f"column {layout.caption_column} is not UTF-8 text: {error}")
     if caption is not None and not isinstance(caption, str):
         return Reject(key, "bad_caption", f"column {layout.caption_column} holds a {type(caption).__name__}")
     metadata: dict[str, Any] = {}
@@ -176,7 +189,8 @@ def sample_from_row(row: dict[str, Any], index: int, layout: TableLayout) -> Sam
         elif name == layout.json_column:
             try:
                 fields = json.loads(value) if value else {}
-            except ValueError as error:
+                json.dumps(fields, ensure_ascii=False).encode("utf-8")  # an escaped lone surrogate cannot be written
+            except (ValueError, RecursionError) as error:
                 return Reject(key, "bad_json", f"column {name}: {error}")
             if not isinstance(fields, dict):
                 return Reject(key, "bad_json", f"column {name} holds a {type(fields).__name__}, not an object")
@@ -186,10 +200,9 @@ def sample_from_row(row: dict[str, Any], index: int, layout: TableLayout) -> Sam
         else:
             metadata[name] = value
     sample = Sample(key, image, _image_ext(image, layout.image_column, image_fields), caption, metadata, extra)
-    try:
-        restore_capfilt_fields(sample)
-    except (AttributeError, KeyError, TypeError, ValueError) as error:
-        return Reject(key, "bad_json", f"malformed capfilt columns: {error!r}")
+    problem = restore_fields(sample)
+    if problem:
+        return Reject(key, "bad_json", f"capfilt columns: {problem}")
     return sample
 
 
@@ -349,7 +362,7 @@ def _with_hf_features(metadata: dict[bytes, bytes] | None, added: list[pa.Field]
     try:
         info = json.loads(metadata[b"huggingface"])
         features = info["info"]["features"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return metadata
     if not isinstance(features, dict):
         return metadata

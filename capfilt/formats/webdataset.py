@@ -23,9 +23,9 @@ from typing import Any
 from fsspec import AbstractFileSystem
 
 from capfilt.errors import ShardReadError
-from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout
+from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, checked_keys, restore_fields
 from capfilt.sample import Reject, Sample
-from capfilt.schema import capfilt_fields, primary_caption, restore_capfilt_fields
+from capfilt.schema import capfilt_fields, primary_caption
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff", "tif")
 
@@ -69,17 +69,17 @@ def sample_from_members(
     if json_ext is not None:
         try:
             metadata = json.loads(members[json_ext])
-        except ValueError as error:
+            json.dumps(metadata, ensure_ascii=False).encode("utf-8")  # an escaped lone surrogate cannot be written
+        except (ValueError, RecursionError) as error:  # RecursionError: nested deeper than Python's stack
             return Reject(key, "bad_json", f".{json_ext}: {error}")
         if not isinstance(metadata, dict):
             return Reject(key, "bad_json", f".{json_ext} holds a {type(metadata).__name__}, not an object")
     consumed = {image_ext, json_ext, by_lower.get("txt")}
     extra = {ext: data for ext, data in members.items() if ext not in consumed}
     sample = Sample(key, members[image_ext], image_ext, caption, metadata, extra)
-    try:
-        restore_capfilt_fields(sample)
-    except (AttributeError, KeyError, TypeError, ValueError) as error:
-        return Reject(key, "bad_json", f"malformed capfilt fields in .{json_ext}: {error!r}")
+    problem = restore_fields(sample)
+    if problem:
+        return Reject(key, "bad_json", f".{json_ext}: {problem}")
     return sample
 
 
@@ -120,7 +120,7 @@ class WebDatasetFormat(Format):
         return bool(self.list_shards(fs, directory))
 
     def list_shards(self, fs: AbstractFileSystem, directory: str) -> list[Shard]:
-        paths = [p for p in list_files(fs, directory) if _basename(p).endswith(self.suffixes)]
+        paths = list_named(fs, directory, self.suffixes)
         return sorted((self.shard_from_path(p) for p in paths), key=lambda shard: shard.name)
 
     def shard_from_path(self, path: str) -> Shard:
@@ -138,7 +138,13 @@ class WebDatasetFormat(Format):
         image_column: str | None = None,
     ) -> Iterator[Sample | Reject]:
         """Stream the tar (one member in memory at a time), grouping consecutive members by key; a member
-        whose extension the current group already has starts a new sample of the same key."""
+        whose extension the current group already has starts a new sample of the same key (a `duplicate_key`
+        reject, as is a key that comes back after other keys)."""
+        return checked_keys(self._read_tar(fs, shard, caption_column, image_column))
+
+    def _read_tar(
+        self, fs: AbstractFileSystem, shard: Shard, caption_column: str | None, image_column: str | None
+    ) -> Iterator[Sample | Reject]:
         key, group = "", dict[str, bytes]()
         try:
             with fs.open(shard.path, "rb") as file, tarfile.open(fileobj=file, mode="r|*") as tar:
@@ -209,6 +215,13 @@ def list_files(fs: AbstractFileSystem, directory: str) -> list[str]:
     """Paths of the regular, non-hidden files directly in `directory`."""
     entries = fs.ls(directory, detail=True)
     return [e["name"] for e in entries if e["type"] == "file" and not _basename(e["name"]).startswith(".")]
+
+
+def list_named(fs: AbstractFileSystem, directory: str, suffixes: tuple[str, ...]) -> list[str]:
+    """Paths of the non-hidden entries directly in `directory` whose names end with one of `suffixes`: files,
+    and anything else so named (a folder, a broken link), which then fails as a shard instead of vanishing."""
+    names = [e["name"] for e in fs.ls(directory, detail=True)]
+    return [n for n in names if _basename(n).endswith(suffixes) and not _basename(n).startswith(".")]
 
 
 def _basename(path: str) -> str:
