@@ -186,7 +186,6 @@ class Format(ABC):
     def shard_from_path(self, path: str) -> Shard:
         """A shard named by a path that a glob or brace pattern matched."""
 
-    @abstractmethod
     def read_shard(
         self,
         fs: AbstractFileSystem,
@@ -200,8 +199,15 @@ class Format(ABC):
         for webdataset and files, a column for Parquet). A shard that cannot be read to its end raises
         `ShardReadError` after yielding what it could read. A sample whose key an earlier sample of the shard
         already has is a `duplicate_key` reject, one whose names no output could hold a `bad_name` reject
-        (see `checked_keys`).
+        (see `checked_keys`): every format gets these checks here, around its own `read_samples`.
         """
+        return checked_keys(self.read_samples(fs, shard, caption_column, image_column))
+
+    @abstractmethod
+    def read_samples(
+        self, fs: AbstractFileSystem, shard: Shard, caption_column: str | None, image_column: str | None
+    ) -> Iterator[Sample | Reject]:
+        """The format's own reading of a shard, before the key checks of `read_shard`."""
 
     def table_layout(
         self,

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from fsspec import AbstractFileSystem
 
 from capfilt.errors import ShardReadError
-from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, checked_keys
+from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout
 from capfilt.formats.webdataset import IMAGE_EXTS, list_files, sample_from_members, sample_members
 from capfilt.sample import Reject, Sample
 
@@ -45,16 +45,7 @@ class FilesFormat(Format):
     def shard_from_path(self, path: str) -> Shard:
         return Shard(path, posixpath.basename(path.rstrip("/")) or "00000")
 
-    def read_shard(
-        self,
-        fs: AbstractFileSystem,
-        shard: Shard,
-        caption_column: str | None,
-        image_column: str | None = None,
-    ) -> Iterator[Sample | Reject]:
-        return checked_keys(self._read_folder(fs, shard, caption_column, image_column))
-
-    def _read_folder(
+    def read_samples(
         self, fs: AbstractFileSystem, shard: Shard, caption_column: str | None, image_column: str | None
     ) -> Iterator[Sample | Reject]:
         try:

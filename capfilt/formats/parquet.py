@@ -33,7 +33,7 @@ from fsspec import AbstractFileSystem
 
 from capfilt.decode import sniff_image_ext
 from capfilt.errors import ShardReadError
-from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, checked_keys, restore_fields
+from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, restore_fields
 from capfilt.formats.webdataset import IMAGE_EXTS, json_bytes, list_named
 from capfilt.sample import Reject, Sample
 from capfilt.schema import ARROW_FIELDS, arrow_fields, primary_caption
@@ -81,16 +81,7 @@ class ParquetFormat(Format):
             raise ShardReadError(f"cannot read {shard.path} as Parquet: {error}") from error
         return layout_of(schema, shard.path, caption_column, image_column)
 
-    def read_shard(
-        self,
-        fs: AbstractFileSystem,
-        shard: Shard,
-        caption_column: str | None,
-        image_column: str | None = None,
-    ) -> Iterator[Sample | Reject]:
-        return checked_keys(self._read_rows(fs, shard, caption_column, image_column))
-
-    def _read_rows(
+    def read_samples(
         self, fs: AbstractFileSystem, shard: Shard, caption_column: str | None, image_column: str | None
     ) -> Iterator[Sample | Reject]:
         try:

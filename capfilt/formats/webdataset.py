@@ -23,7 +23,7 @@ from typing import Any
 from fsspec import AbstractFileSystem
 
 from capfilt.errors import ShardReadError
-from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, checked_keys, restore_fields
+from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, restore_fields
 from capfilt.sample import Reject, Sample
 from capfilt.schema import capfilt_fields, primary_caption
 
@@ -130,21 +130,11 @@ class WebDatasetFormat(Format):
                 return Shard(path, name[: -len(suffix)])
         return Shard(path, name)
 
-    def read_shard(
-        self,
-        fs: AbstractFileSystem,
-        shard: Shard,
-        caption_column: str | None,
-        image_column: str | None = None,
-    ) -> Iterator[Sample | Reject]:
-        """Stream the tar (one member in memory at a time), grouping consecutive members by key; a member
-        whose extension the current group already has starts a new sample of the same key (a `duplicate_key`
-        reject, as is a key that comes back after other keys)."""
-        return checked_keys(self._read_tar(fs, shard, caption_column, image_column))
-
-    def _read_tar(
+    def read_samples(
         self, fs: AbstractFileSystem, shard: Shard, caption_column: str | None, image_column: str | None
     ) -> Iterator[Sample | Reject]:
+        """Stream the tar (one member in memory at a time), grouping consecutive members by key; a member
+        whose extension the current group already has starts a new sample of the same key."""
         key, group = "", dict[str, bytes]()
         try:
             with fs.open(shard.path, "rb") as file, tarfile.open(fileobj=file, mode="r|*") as tar:
