@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -25,30 +25,30 @@ app = typer.Typer(
 Input = Annotated[str, typer.Argument(help="Dataset: a directory, a glob or a brace pattern; local or fsspec URL.")]
 Output = Annotated[str, typer.Argument(help="Output directory (one output shard per input shard, same names).")]
 PresetOpt = Annotated[str, typer.Option("--preset", help="Model preset: blip-large, blip-base, demo, or a .toml.")]
-CaptionerOpt = Annotated[Optional[str], typer.Option("--captioner", help="Captioner: HF model id or local dir.")]
-FilterOpt = Annotated[Optional[str], typer.Option("--filter", help="Filter: HF model id or local dir.")]
+CaptionerOpt = Annotated[str | None, typer.Option("--captioner", help="Captioner: HF model id or local dir.")]
+FilterOpt = Annotated[str | None, typer.Option("--filter", help="Filter: HF model id or local dir.")]
 NumCaptions = Annotated[int, typer.Option("--num-captions", help="Synthetic captions per image.")]
 NumBeams = Annotated[int, typer.Option("--num-beams", help="1: nucleus sampling (default); >1: beam search.")]
-TopP = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling top-p [preset: 0.9].")]
-MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="Max tokens, prompt included [preset].")]
-MinLength = Annotated[Optional[int], typer.Option("--min-length", help="Min tokens, prompt included [preset].")]
+TopP = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling top-p [preset: 0.9].")]
+MaxLength = Annotated[int | None, typer.Option("--max-length", help="Max tokens, prompt included [preset].")]
+MinLength = Annotated[int | None, typer.Option("--min-length", help="Min tokens, prompt included [preset].")]
 RepetitionPenalty = Annotated[
-    Optional[float], typer.Option("--repetition-penalty", help="[BLIP: 1.1 for nucleus, 1.0 for beam].")
+    float | None, typer.Option("--repetition-penalty", help="[BLIP: 1.1 for nucleus, 1.0 for beam].")
 ]
-Prompt = Annotated[Optional[str], typer.Option("--prompt", help="Decoder prompt, stripped from captions [preset].")]
+Prompt = Annotated[str | None, typer.Option("--prompt", help="Decoder prompt, stripped from captions [preset].")]
 Scores = Annotated[str, typer.Option("--scores", help="Scores to compute and require: itm, itc or itm,itc.")]
-Threshold = Annotated[Optional[float], typer.Option("--threshold", help="Min ITM match probability [preset: 0.5].")]
-ItcThreshold = Annotated[Optional[float], typer.Option("--itc-threshold", help="Min ITC cosine [preset].")]
+Threshold = Annotated[float | None, typer.Option("--threshold", help="Min ITM match probability [preset: 0.5].")]
+ItcThreshold = Annotated[float | None, typer.Option("--itc-threshold", help="Min ITC cosine [preset].")]
 Mode = Annotated[FilterMode, typer.Option("--mode", help="drop: remove failing pairs; annotate: keep all.")]
-InputFormat = Annotated[Optional[str], typer.Option("--input-format", help="webdataset, parquet or files.")]
-OutputFormat = Annotated[Optional[str], typer.Option("--output-format", help="Convert [default: input's].")]
-CaptionColumn = Annotated[Optional[str], typer.Option("--caption-column", help="Caption column or extension.")]
-ImageColumn = Annotated[Optional[str], typer.Option("--image-column", help="Parquet image column.")]
+InputFormat = Annotated[str | None, typer.Option("--input-format", help="webdataset, parquet or files.")]
+OutputFormat = Annotated[str | None, typer.Option("--output-format", help="Convert [default: input's].")]
+CaptionColumn = Annotated[str | None, typer.Option("--caption-column", help="Caption column or extension.")]
+ImageColumn = Annotated[str | None, typer.Option("--image-column", help="Parquet image column.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16 on GPU), fp32, bf16, fp16.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per model batch.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of nucleus sampling.")]
-StorageOptions = Annotated[Optional[str], typer.Option("--storage-options", help="fsspec options as JSON.")]
+StorageOptions = Annotated[str | None, typer.Option("--storage-options", help="fsspec options as JSON.")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar or summary table.")]
 EagerAttention = Annotated[
     bool, typer.Option("--eager-attention", help="transformers' own BLIP attention instead of fused SDPA.")

@@ -7,9 +7,8 @@ its header before Pillow allocates its pixels.
 
 from __future__ import annotations
 
-import re
-
 import io
+import re
 import warnings
 
 import numpy as np

@@ -8,7 +8,6 @@ brace pattern (`shards/{00000..00099}.tar`, as webdataset writes them), on a loc
 from __future__ import annotations
 
 import posixpath
-
 from typing import Any
 
 import fsspec

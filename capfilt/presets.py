@@ -7,9 +7,10 @@ paths inside a preset that name an existing directory relative to the file are r
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
 
 from capfilt.errors import ConfigError
 

@@ -28,7 +28,7 @@ class RichProgress(Observer):
         self.samples = 0
         self.started = time.perf_counter()
 
-    def __enter__(self) -> "RichProgress":
+    def __enter__(self) -> RichProgress:
         self.progress.start()
         return self
 

@@ -42,7 +42,7 @@ class Caption:
         }
 
     @classmethod
-    def from_synthetic_record(cls, record: dict[str, Any]) -> "Caption":
+    def from_synthetic_record(cls, record: dict[str, Any]) -> Caption:
         return cls(
             text=record["text"],
             source="synthetic",

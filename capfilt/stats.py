@@ -58,7 +58,7 @@ class ShardStats(Counts):
         return asdict(self)
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> "ShardStats":
+    def from_record(cls, record: dict[str, Any]) -> ShardStats:
         return cls(**record)
 
 
@@ -70,7 +70,7 @@ class RunSummary(Counts):
     seconds: float = 0.0
 
     @classmethod
-    def merge(cls, shard_stats: list[ShardStats], seconds: float) -> "RunSummary":
+    def merge(cls, shard_stats: list[ShardStats], seconds: float) -> RunSummary:
         summary = cls(shards=len(shard_stats), seconds=round(seconds, 3))
         reasons: Counter[str] = Counter()
         histograms: dict[str, np.ndarray] = {}

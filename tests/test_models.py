@@ -10,8 +10,7 @@ import torch
 from capfilt.demo import shapes
 from capfilt.demo.tiny_blip import build_tiny_pair
 from capfilt.errors import ModelLoadError
-from capfilt.models import DecodingSettings, load_captioner, load_filter
-from capfilt.models import loading
+from capfilt.models import DecodingSettings, load_captioner, load_filter, loading
 from capfilt.models.blip import strip_prompt
 from tests import reference
 

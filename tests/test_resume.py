@@ -190,7 +190,7 @@ def test_sigkill_at_any_moment_then_rerun_gives_the_same_bytes(tiny_models, tmp_
     for name, condition in KILL_POINTS.items():
         out = tmp_path / name.replace(" ", "-")
         victim = capfilt_process(input, out, tiny_models, batch_size=2)
-        if wait_for(lambda: condition(out), victim):
+        if wait_for(lambda out=out, condition=condition: condition(out), victim):
             os.kill(victim.pid, signal.SIGKILL)
             killed_at.append(name)
         victim.wait(timeout=300)

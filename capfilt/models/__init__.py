@@ -13,7 +13,7 @@ from capfilt.models.loading import load_pretrained
 CAPTIONERS: dict[str, type[Captioner]] = {"blip": BlipCaptioner}
 FILTERS: dict[str, type[Filter]] = {"blip": BlipFilter}
 
-__all__ = ["Captioner", "CaptionScores", "DecodingSettings", "Filter", "load_captioner", "load_filter"]
+__all__ = ["CaptionScores", "Captioner", "DecodingSettings", "Filter", "load_captioner", "load_filter"]
 
 
 def model_family(model_id: str, role: str, families: dict) -> str:
