@@ -158,8 +158,8 @@ class BlipFilter(Filter):
 
         tokens = self.tokenize([text for _, text in pairs])
         image_index = torch.tensor([i for i, _ in pairs], device=self.device)
-        itm_scores: list[float | None] = []
-        itc_scores: list[float | None] = []
+        itm_parts: list[torch.Tensor] = []
+        itc_parts: list[torch.Tensor] = []
         for start in range(0, len(pairs), self.pair_batch_size):
             count = min(self.pair_batch_size, len(pairs) - start)
             # Every text pass has the same shape (rows padded with repeats of the first, tokens to the maximum
@@ -170,9 +170,13 @@ class BlipFilter(Filter):
             )
             chunk_tokens = {name: values[rows] for name, values in tokens.items()}
             chunk_images = image_embeds[image_index[rows]]
-            itm_scores += self._itm(chunk_images, chunk_tokens)[:count] if itm else [None] * count
-            itc_scores += self._itc(chunk_images, chunk_tokens)[:count] if itc else [None] * count
-
+            if itm:
+                itm_parts.append(self._itm(chunk_images, chunk_tokens)[:count])
+            if itc:
+                itc_parts.append(self._itc(chunk_images, chunk_tokens)[:count])
+        # One copy to the host for the whole batch: no device sync per chunk.
+        itm_scores = torch.cat(itm_parts).tolist() if itm else [None] * len(pairs)
+        itc_scores = torch.cat(itc_parts).tolist() if itc else [None] * len(pairs)
         scores = [CaptionScores(a, b) for a, b in zip(itm_scores, itc_scores)]
         result, offset = [], 0
         for texts in captions:
@@ -180,18 +184,18 @@ class BlipFilter(Filter):
             offset += len(texts)
         return result
 
-    def _itm(self, image_embeds: torch.Tensor, tokens: dict[str, torch.Tensor]) -> list[float]:
+    def _itm(self, image_embeds: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """Match probability: softmax of the ITM head, index 1 = match."""
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
         hidden = self.model.text_encoder(
             **tokens, encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts
         ).last_hidden_state
         logits = self.model.itm_head(hidden[:, 0, :]).float()
-        return logits.softmax(dim=-1)[:, 1].tolist()
+        return logits.softmax(dim=-1)[:, 1]
 
-    def _itc(self, image_embeds: torch.Tensor, tokens: dict[str, torch.Tensor]) -> list[float]:
+    def _itc(self, image_embeds: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cosine of the unimodal image and text projections."""
         image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
         hidden = self.model.text_encoder(**tokens).last_hidden_state
         text_feat = F.normalize(self.model.text_proj(hidden[:, 0, :]).float(), dim=-1)
-        return (image_feat * text_feat).sum(dim=-1).tolist()
+        return (image_feat * text_feat).sum(dim=-1)
