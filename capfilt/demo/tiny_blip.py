@@ -9,7 +9,7 @@ the prompt's final [SEP], and stops at `sep_token_id`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -58,7 +58,7 @@ class Architecture:
     embedding: int = 64
     # Longest text, in tokens, the text tower has positions for; the tokenizer truncates to it.
     max_text_tokens: int = 64
-    normalisation: Normalisation = field(default=CLIP_NORMALISATION)
+    normalisation: Normalisation = CLIP_NORMALISATION
 
 
 def vocabulary() -> list[str]:

@@ -1,6 +1,6 @@
 """Train the demo captioner and filter from scratch on the shapes domain, then evaluate and save them.
 
-    python -m capfilt.demo.train --out models/demo          # train (about 6 minutes on 2 CPU cores), save
+    python -m capfilt.demo.train --out models/demo          # train (about 7 minutes on 2 CPU cores), save
     python -m capfilt.demo.train --out models/demo --eval-only
 
 Both models are trained the way capfilt then uses them. The captioner learns BLIP's captioning objective:
@@ -19,7 +19,7 @@ import io
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from PIL import Image
 from transformers import AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
 from capfilt.demo import shapes
-from capfilt.demo.tiny_blip import PROMPT, Architecture, new_captioner, new_filter, save
+from capfilt.demo.tiny_blip import PROMPT, Architecture, build_processor, new_captioner, new_filter, save
 
 ARCHITECTURE = Architecture(image_size=64, patch_size=8, hidden=128, layers=2, heads=4, embedding=64)
 # Pictures are rendered at the example dataset's size and pass through JPEG, as web pictures do.
@@ -43,7 +43,7 @@ class Recipe:
     seed: int = 0
     train_scenes: int = 12000
     batch_size: int = 64
-    steps: int = 1200
+    steps: int = 1500
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
@@ -76,21 +76,15 @@ def make_pool(count: int, rng: random.Random, processor: BlipProcessor) -> Pool:
     return Pool(scenes, [shapes.describe(scene) for scene in scenes], torch.cat(chunks))
 
 
-def batches(pool: Pool, recipe: Recipe, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Random batch indices into the pool, `steps` times."""
-    for _ in range(steps):
-        yield torch.randint(len(pool.captions), (recipe.batch_size,), generator=generator)
-
-
 def optimise(
     parameters: list[torch.nn.Parameter],
     recipe: Recipe,
-    steps: int,
+    pool_size: int,
     loss_of_step: Callable[[torch.Tensor], tuple[torch.Tensor, str]],
-    pool: Pool,
 ) -> None:
-    """AdamW with linear warm-up and cosine decay; prints progress every 50 steps."""
+    """AdamW with linear warm-up and cosine decay over random batches of pool indices; prints progress."""
     optimiser = torch.optim.AdamW(parameters, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    steps = recipe.steps
     warmup = max(1, int(steps * recipe.warmup_fraction))
 
     def factor(step: int) -> float:
@@ -101,8 +95,8 @@ def optimise(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
     generator = torch.Generator().manual_seed(recipe.seed)
     started = time.monotonic()
-    for step, indices in enumerate(batches(pool, recipe, steps, generator), start=1):
-        loss, detail = loss_of_step(indices)
+    for step in range(1, steps + 1):
+        loss, detail = loss_of_step(torch.randint(pool_size, (recipe.batch_size,), generator=generator))
         optimiser.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -184,7 +178,24 @@ def filter_losses(
     return itm_loss, (image_to_text + text_to_image) / 2
 
 
-def train(pool: Pool, recipe: Recipe) -> tuple[BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor]:
+@torch.no_grad()
+def emphasise_edges(vision_model: torch.nn.Module) -> None:
+    """Make half the patch-embedding filters start as edge detectors, blind to a patch's plain colour.
+
+    Freshly initialised, every filter mostly measures a patch's average colour, and after the layer norm the
+    faint trace of a shape's outline is lost among eight colours on eight backgrounds: the encoder then takes
+    thousands of steps to start telling shapes apart. Filters with their mean removed and scaled up answer to
+    outlines only, so shape learning starts at once; the other half still sees colour.
+    """
+    weight = vision_model.embeddings.patch_embedding.weight
+    edges = weight[weight.shape[0] // 2 :]
+    edges -= edges.mean(dim=(2, 3), keepdim=True)
+    edges *= 10
+
+
+def train(
+    pool: Pool, recipe: Recipe
+) -> tuple[BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor]:
     """Train captioner and filter together, one vision encoder shared between them, as BLIP pre-trains.
 
     Each step's pictures are encoded once, and the encoder learns from the captioning (LM), matching (ITM)
@@ -194,6 +205,7 @@ def train(pool: Pool, recipe: Recipe) -> tuple[BlipForConditionalGeneration, Bli
     captioner, processor = new_captioner(ARCHITECTURE, recipe.seed)
     retrieval, _ = new_filter(ARCHITECTURE, recipe.seed + 1)
     retrieval.vision_model = captioner.vision_model
+    emphasise_edges(captioner.vision_model)
     captioner.train()
     retrieval.train()
     # ITC's learnt temperature, starting at BLIP's 0.07; the saved model's ITC score is the plain cosine.
@@ -209,11 +221,12 @@ def train(pool: Pool, recipe: Recipe) -> tuple[BlipForConditionalGeneration, Bli
             encoder_hidden_states=image_embeds, reduction="mean", **captioner_inputs(processor, right)
         ).loss
         itm, itc = filter_losses(retrieval, processor, image_embeds, right, wrong, log_temperature)
-        detail = f"lm {lm.item():.4f}  itm {itm.item():.4f}  itc {itc.item():.4f}  temperature {log_temperature.exp().item():.3f}"
-        return lm + itm + itc, detail
+        losses = f"lm {lm.item():.4f}  itm {itm.item():.4f}  itc {itc.item():.4f}"
+        return lm + itm + itc, f"{losses}  temperature {log_temperature.exp().item():.3f}"
 
+    # The shared encoder's parameters appear in both models; each must reach the optimiser once.
     parameters = list({id(p): p for p in [*captioner.parameters(), *retrieval.parameters(), log_temperature]}.values())
-    optimise(parameters, recipe, recipe.steps, loss_of_step, pool)
+    optimise(parameters, recipe, len(pool.captions), loss_of_step)
     return captioner.eval(), retrieval.eval(), processor
 
 
@@ -236,7 +249,8 @@ def evaluate_captioner(
         torch.manual_seed(0)
         inputs = processor(images=pictures, text=[PROMPT] * len(pictures), return_tensors="pt")
         output = model.generate(**inputs, max_length=30, **settings)
-        captions = [text.removeprefix(PROMPT.strip()).strip() for text in processor.batch_decode(output, skip_special_tokens=True)]
+        decoded = processor.batch_decode(output, skip_special_tokens=True)
+        captions = [text.removeprefix(PROMPT.strip()).strip() for text in decoded]
         exact = sum(c == t for c, t in zip(captions, truths)) / len(truths)
         words = sum(word_accuracy(c, t) for c, t in zip(captions, truths)) / len(truths)
         print(f"captioner, {name}: exact match {exact:.1%}, word accuracy {words:.1%}")
@@ -268,11 +282,16 @@ def evaluate_filter(
         itc[kind] = model(**inputs, use_itm_head=False).itm_score.diagonal()
     for kind in kinds:
         right_side = itm[kind] > 0.5 if kind == "right" else itm[kind] < 0.5
-        ranked = "" if kind == "right" else f", ITC cosine below the right caption's {(itc[kind] < itc['right']).float().mean():.1%}"
+        below = (itc[kind] < itc["right"]).float().mean()
+        ranked = "" if kind == "right" else f", below the right caption's {below:.1%}"
         print(
             f"filter, {kind} captions: ITM probability mean {itm[kind].mean():.3f}, on the right side of 0.5 "
             f"{right_side.float().mean():.1%}; ITC cosine mean {itc[kind].mean():.3f}{ranked}"
         )
+    for index in range(2):
+        print(f"    picture of {truths[index]!r}:")
+        for kind, texts in kinds.items():
+            print(f"        ITM {itm[kind][index]:.3f}  ITC {itc[kind][index]:+.3f}  {texts[index]!r}")
 
 
 def evaluate(captioner_dir: Path, filter_dir: Path, seed: int, count: int) -> None:
@@ -281,7 +300,8 @@ def evaluate(captioner_dir: Path, filter_dir: Path, seed: int, count: int) -> No
     scenes = [shapes.random_scene(rng) for _ in range(count)]
     pictures = [web_picture(scene, rng) for scene in scenes]
     captioner = BlipForConditionalGeneration.from_pretrained(captioner_dir).eval()
-    evaluate_captioner(captioner, AutoProcessor.from_pretrained(captioner_dir), pictures, [shapes.describe(s) for s in scenes])
+    truths = [shapes.describe(scene) for scene in scenes]
+    evaluate_captioner(captioner, AutoProcessor.from_pretrained(captioner_dir), pictures, truths)
     retrieval = BlipForImageTextRetrieval.from_pretrained(filter_dir).eval()
     evaluate_filter(retrieval, AutoProcessor.from_pretrained(filter_dir), pictures, scenes, rng)
 
@@ -302,8 +322,7 @@ def main() -> None:
         recipe = Recipe(seed=args.seed, steps=args.steps, learning_rate=args.learning_rate)
         started = time.monotonic()
         torch.manual_seed(recipe.seed)
-        _, processor = new_captioner(ARCHITECTURE, recipe.seed)
-        pool = make_pool(recipe.train_scenes, random.Random(recipe.seed), processor)
+        pool = make_pool(recipe.train_scenes, random.Random(recipe.seed), build_processor(ARCHITECTURE))
         print(f"rendered {recipe.train_scenes} training scenes in {time.monotonic() - started:.0f}s")
         captioner, retrieval, processor = train(pool, recipe)
         save(captioner, processor, captioner_dir)
