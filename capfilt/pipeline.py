@@ -25,6 +25,7 @@ from capfilt.errors import ShardReadError
 from capfilt.formats import get_format
 from capfilt.formats.base import Shard
 from capfilt.models import load_captioner, load_filter
+from capfilt.models.base import ImageModel
 from capfilt.observer import Observer
 from capfilt.output import SUMMARY_FILE, OutputDirectory
 from capfilt.paths import check_output_apart, resolve_input, resolve_output
@@ -49,16 +50,20 @@ class Pipeline:
         self.output = OutputDirectory(self.fs_out, output_dir, self.output_format)
         self.executor = ThreadPoolExecutor(max_workers=max(1, config.decode_workers))
         self.stage_batch_limit: dict[str, int] = {}
-        self.decode = DecodeStage(self.executor, DEFAULT_MAX_PIXELS)
+        self.models: list[ImageModel] = []
         self.stages = self._build_model_stages()
+        self.decode = DecodeStage(self.executor, DEFAULT_MAX_PIXELS, self.models)
 
     def _build_model_stages(self) -> list[Stage]:
         c = self.config
         stages: list[Stage] = []
         if c.command in (Command.caption, Command.bootstrap):
-            stages.append(CaptionStage(load_captioner(c.captioner, c.decoding, c.device, c.torch_dtype, c.sdpa)))
+            captioner = load_captioner(c.captioner, c.decoding, c.device, c.torch_dtype, c.sdpa)
+            self.models.append(captioner)
+            stages.append(CaptionStage(captioner))
         if c.command in (Command.filter, Command.bootstrap):
             filter_ = load_filter(c.filter, c.device, c.torch_dtype, c.filtering.text_max_tokens, c.sdpa)
+            self.models.append(filter_)
             stages.append(FilterStage(filter_, c.filtering))
         return stages
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
+import torch
 
 
 @dataclass
@@ -58,7 +58,8 @@ class Caption:
 class Sample:
     """One image with its captions, as read from a shard and as it will be written back.
 
-    `image_bytes` are written back unchanged; `image` is the decoded RGB picture the models see.
+    `image_bytes` are written back unchanged; `pixels` holds the decoded picture as each model's input tensor,
+    keyed by `ImageModel.preprocessing`.
     `metadata` holds the sample's JSON sidecar (webdataset, files) or its other columns (Parquet); it is kept
     whole and capfilt's fields are added to it. `extra_members` are any other files of the sample (webdataset
     or files format) keyed by extension, also kept unchanged.
@@ -74,7 +75,7 @@ class Sample:
     web_itm_score: float | None = None
     web_itc_score: float | None = None
     web_kept: bool | None = None
-    image: Image.Image | None = None
+    pixels: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def captions(self) -> list[Caption]:
         """All captions of the sample, web first, as the filter scores them."""

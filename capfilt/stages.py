@@ -9,9 +9,11 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+import torch
+
 from capfilt.config import FilterMode, FilterSettings
 from capfilt.decode import DecodeError, decode_image
-from capfilt.models.base import Captioner, CaptionScores, Filter
+from capfilt.models.base import Captioner, CaptionScores, Filter, ImageModel
 from capfilt.sample import Caption, Reject, Sample
 from capfilt.stats import ShardStats
 
@@ -33,21 +35,27 @@ class Stage(ABC):
 
 
 class DecodeStage(Stage):
-    """Image bytes → RGB picture; undecodable, empty or oversized images become rejects."""
+    """Image bytes → each model's input tensor (decode, resize, normalise), in worker threads; undecodable,
+    empty or oversized images become rejects. Models with the same preprocessing share one tensor."""
 
     name = "decode"
 
-    def __init__(self, executor: Executor, max_pixels: int) -> None:
+    def __init__(self, executor: Executor, max_pixels: int, models: list[ImageModel]) -> None:
         self.executor = executor
         self.max_pixels = max_pixels
+        self.preprocessors = {model.preprocessing: model.preprocess for model in models}
 
     def _decode(self, sample: Sample) -> Sample | Reject:
         if not sample.image_bytes:
             return Reject(sample.key, "missing_image" if sample.image_bytes is None else "empty_image")
         try:
-            sample.image = decode_image(sample.image_bytes, self.max_pixels)
+            image = decode_image(sample.image_bytes, self.max_pixels)
         except DecodeError as error:
             return Reject(sample.key, error.reason, error.detail)
+        try:
+            sample.pixels = {name: preprocess(image) for name, preprocess in self.preprocessors.items()}
+        except (ValueError, OSError) as error:  # an image the model's processor cannot take
+            return Reject(sample.key, "preprocess_error", f"{type(error).__name__}: {error}")
         return sample
 
     def process(self, batch: Batch, stats: ShardStats) -> Batch:
@@ -58,6 +66,10 @@ class DecodeStage(Stage):
             else:
                 decoded.samples.append(result)
         return decoded
+
+
+def stack_pixels(samples: list[Sample], model: ImageModel) -> torch.Tensor:
+    return torch.stack([sample.pixels[model.preprocessing] for sample in samples])
 
 
 class CaptionStage(Stage):
@@ -72,7 +84,8 @@ class CaptionStage(Stage):
     def process(self, batch: Batch, stats: ShardStats) -> Batch:
         if not batch.samples:
             return batch
-        captions = self.captioner.caption([s.image for s in batch.samples], [s.key for s in batch.samples])
+        pixels = stack_pixels(batch.samples, self.captioner)
+        captions = self.captioner.caption_pixels(pixels, [s.key for s in batch.samples])
         for sample, texts in zip(batch.samples, captions):
             for text in texts:
                 sample.synthetic_captions.append(
@@ -103,7 +116,9 @@ class FilterStage(Stage):
         if not scorable:
             return result
         texts = [[c.text for c in s.captions()] for s in scorable]
-        scores = self.filter.score([s.image for s in scorable], texts, self.settings.itm, self.settings.itc)
+        scores = self.filter.score_pixels(
+            stack_pixels(scorable, self.filter), texts, self.settings.itm, self.settings.itc
+        )
         for kind in ("itm", "itc"):
             values = [getattr(score, kind) for pairs in scores for score in pairs if getattr(score, kind) is not None]
             if values:

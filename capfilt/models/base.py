@@ -8,6 +8,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 
+import torch
 from PIL import Image
 
 
@@ -58,25 +59,51 @@ class CaptionScores:
     itc: float | None
 
 
-class Captioner(ABC):
-    """Writes synthetic captions for a batch of images."""
+class ImageModel(ABC):
+    """A model that sees images through its own preprocessing (resize, normalise), which the pipeline runs in
+    its decode workers, once per distinct `preprocessing` when two models share it."""
 
     model_id: str
+
+    @property
+    @abstractmethod
+    def preprocessing(self) -> str:
+        """Equal for two models exactly when `preprocess` gives both the same tensor."""
+
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One RGB picture → the model's input tensor, on the CPU; called from worker threads."""
+
+    def preprocess_all(self, images: list[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.preprocess(image) for image in images])
+
+
+class Captioner(ImageModel):
+    """Writes synthetic captions for a batch of images."""
+
     settings: DecodingSettings
 
     @abstractmethod
+    def caption_pixels(self, pixels: torch.Tensor, keys: list[str]) -> list[list[str]]:
+        """`settings.num_captions` captions per image (stacked `preprocess` outputs), prompt stripped, in image
+        order. Sampling is seeded by `settings.seed` and each image's sample key, so a caption does not depend
+        on the batch."""
+
     def caption(self, images: list[Image.Image], keys: list[str]) -> list[list[str]]:
-        """`settings.num_captions` captions per image, prompt stripped, in image order. Sampling is seeded by
-        `settings.seed` and each image's sample key, so a caption does not depend on the batch."""
+        return self.caption_pixels(self.preprocess_all(images), keys)
 
 
-class Filter(ABC):
+class Filter(ImageModel):
     """Scores image-caption pairs: ITM match probability and/or ITC cosine."""
 
-    model_id: str
-
     @abstractmethod
+    def score_pixels(
+        self, pixels: torch.Tensor, captions: list[list[str]], itm: bool, itc: bool
+    ) -> list[list[CaptionScores]]:
+        """Scores for every caption of every image (stacked `preprocess` outputs); each image is encoded once
+        for all its captions."""
+
     def score(
         self, images: list[Image.Image], captions: list[list[str]], itm: bool, itc: bool
     ) -> list[list[CaptionScores]]:
-        """Scores for every caption of every image; each image is encoded once for all its captions."""
+        return self.score_pixels(self.preprocess_all(images), captions, itm, itc)

@@ -1,12 +1,16 @@
 """BLIP captioner (image-grounded text decoder) and filter (image-grounded text encoder), via transformers.
 
 Outputs equal the plain Hugging Face calls: `processor(...)` + `model.generate(...)` for captions,
-`model(..., use_itm_head=True/False)` for ITM/ITC. The filter differs from that plain call in one way,
-tested to give the same numbers: the vision tower runs once per image and its output is shared by all of the
-image's captions, instead of once per pair.
+`model(..., use_itm_head=True/False)` for ITM/ITC, tested to give the same captions and scores. They differ
+in where work is shared: each image is preprocessed once (in the pipeline's workers) and encoded once per
+model; the filter scores all of an image's captions against that one encoding; the captioner projects the
+image's cross-attention keys and values once for all of its beams.
 """
 
 from __future__ import annotations
+
+import functools
+import json
 
 import torch
 import torch.nn.functional as F
@@ -15,85 +19,97 @@ from transformers import (
     AutoProcessor,
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
+    BlipProcessor,
     LogitsProcessorList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
-from capfilt.models.base import Captioner, CaptionScores, DecodingSettings, Filter
-from capfilt.models.fast_attention import use_sdpa
+from capfilt.models.base import Captioner, CaptionScores, DecodingSettings, Filter, ImageModel
+from capfilt.models.fast_attention import BeamImageCache, PairImageCache, use_sdpa
 from capfilt.models.loading import load_pretrained
 from capfilt.models.sampling import KeyedGumbelNoise, sample_seed
 
 
-class BlipCaptioner(Captioner):
+class BlipImageInput(ImageModel):
+    """Preprocessing by the checkpoint's own image processor, one image at a time (in the decode workers)."""
+
+    processor: BlipProcessor
+    device: torch.device
+    dtype: torch.dtype
+
+    @functools.cached_property
+    def preprocessing(self) -> str:
+        return json.dumps(self.processor.image_processor.to_dict(), sort_keys=True, default=str)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+    def to_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # pinned, so that the copy overlaps work already queued on the GPU
+            pixels = pixels.pin_memory()
+        return pixels.to(self.device, non_blocking=True).to(self.dtype)
+
+
+class BlipCaptioner(BlipImageInput, Captioner):
     def __init__(
         self, model_id: str, settings: DecodingSettings, device: str, dtype: torch.dtype, sdpa: bool = True
     ) -> None:
         self.model_id = model_id
         self.settings = settings
         self.device = torch.device(device)
+        self.dtype = dtype
         self.processor = load_pretrained(AutoProcessor, model_id, "captioner")
         self.model = load_pretrained(BlipForConditionalGeneration, model_id, "captioner", dtype=dtype)
         self.model.to(self.device).eval()
         if sdpa:
             use_sdpa(self.model)
-        self.dtype = dtype
+        self.prompt_ids = self._prompt_ids()
 
-    def length_kwargs(self) -> dict:
-        s = self.settings
-        return dict(
-            max_length=s.max_length, min_length=s.min_length, repetition_penalty=s.effective_repetition_penalty
-        )
+    def _prompt_ids(self) -> torch.Tensor:
+        """The decoder's first tokens, as BLIP's generate() makes them: the prompt's [CLS] swapped for [DEC]
+        (bos) and its closing [SEP] dropped; just [DEC] without a prompt."""
+        bos = self.model.config.text_config.bos_token_id
+        if not self.settings.prompt:
+            return torch.tensor([bos], device=self.device)
+        ids = self.processor.tokenizer(self.settings.prompt, return_tensors="pt")["input_ids"][0, :-1].clone()
+        ids[0] = bos
+        return ids.to(self.device)
 
     @torch.inference_mode()
-    def caption(self, images: list[Image.Image], keys: list[str]) -> list[list[str]]:
-        prompt = self.settings.prompt
-        inputs = self.processor(images=images, text=[prompt] * len(images) if prompt else None, return_tensors="pt")
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        if self.settings.method == "beam":
-            sequences = self.model.generate(
-                **inputs,
-                num_beams=self.settings.num_beams,
-                num_return_sequences=self.settings.num_captions,
-                do_sample=False,
-                **self.length_kwargs(),
+    def caption_pixels(self, pixels: torch.Tensor, keys: list[str]) -> list[list[str]]:
+        """BLIP's generate() with the image encoded once, its cross-attention keys and values projected once
+        and shared by all its beams or sampled captions (BeamImageCache), and keyed sampling."""
+        s, config = self.settings, self.model.config.text_config
+        image_embeds = self.model.vision_model(pixel_values=self.to_device(pixels)).last_hidden_state
+        if s.method == "beam":
+            rows_per_image = s.num_beams
+            decoding = dict(num_beams=s.num_beams, num_return_sequences=s.num_captions, do_sample=False)
+        else:  # one row per caption, each sampled with its own keyed noise
+            rows_per_image = s.num_captions
+            image_embeds = image_embeds.repeat_interleave(s.num_captions, dim=0)
+            seeds = [sample_seed(s.seed, key, j) for key in keys for j in range(s.num_captions)]
+            decoding = dict(
+                do_sample=False, logits_processor=LogitsProcessorList([*self._warpers(), KeyedGumbelNoise(seeds)])
             )
-        else:
-            sequences = self._sample(inputs, keys)
-        texts = self.processor.batch_decode(sequences, skip_special_tokens=True)
-        n = self.settings.num_captions
-        return [[strip_prompt(t, prompt) for t in texts[i * n : (i + 1) * n]] for i in range(len(images))]
-
-    def _sample(self, inputs: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
-        """Nucleus sampling, each caption seeded by (seed, key, index): what `BlipForConditionalGeneration.
-        generate` does (prompt's [CLS] swapped for [DEC], its last [SEP] dropped, decoding cross-attending to
-        the image), with the image encoded once for all of its captions and keyed Gumbel-max sampling."""
-        n, config = self.settings.num_captions, self.model.config.text_config
-        image_embeds = self.model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
-        image_embeds = image_embeds.repeat_interleave(n, dim=0)
-        rows = image_embeds.shape[0]
-        if "input_ids" in inputs:
-            input_ids = inputs["input_ids"].repeat_interleave(n, dim=0)[:, :-1].clone()
-            attention_mask = inputs["attention_mask"].repeat_interleave(n, dim=0)[:, :-1]
-        else:
-            input_ids = torch.full((rows, 1), 0, dtype=torch.long, device=self.device)
-            attention_mask = torch.ones_like(input_ids)
-        input_ids[:, 0] = config.bos_token_id
-        seeds = [sample_seed(self.settings.seed, key, j) for key in keys for j in range(n)]
-        return self.model.text_decoder.generate(
+        input_ids = self.prompt_ids.expand(image_embeds.shape[0], -1)
+        sequences = self.model.text_decoder.generate(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=torch.ones_like(input_ids),
             encoder_hidden_states=image_embeds,
             encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device),
             eos_token_id=config.sep_token_id,
             pad_token_id=config.pad_token_id,
-            do_sample=False,
-            logits_processor=LogitsProcessorList([*self._warpers(), KeyedGumbelNoise(seeds)]),
-            **self.length_kwargs(),
+            past_key_values=BeamImageCache(rows_per_image),
+            max_length=s.max_length,
+            min_length=s.min_length,
+            repetition_penalty=s.effective_repetition_penalty,
+            **decoding,
         )
+        texts = self.processor.batch_decode(sequences, skip_special_tokens=True)
+        n = s.num_captions
+        return [[strip_prompt(t, s.prompt) for t in texts[i * n : (i + 1) * n]] for i in range(len(keys))]
 
     def _warpers(self) -> list:
         """The filters `generate(do_sample=True)` would apply: the checkpoint's temperature and top-k, our top-p."""
@@ -116,7 +132,7 @@ def strip_prompt(text: str, prompt: str) -> str:
     return text.strip()
 
 
-class BlipFilter(Filter):
+class BlipFilter(BlipImageInput, Filter):
     def __init__(
         self,
         model_id: str,
@@ -136,66 +152,87 @@ class BlipFilter(Filter):
         self.processor = load_pretrained(AutoProcessor, model_id, "filter")
         self.model = load_pretrained(BlipForImageTextRetrieval, model_id, "filter", dtype=dtype)
         self.model.to(self.device).eval()
+        self.sdpa = sdpa
         if sdpa:
             use_sdpa(self.model)
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Tokenise as the reference call does, truncated to the filter's text length (BLIP: 35 tokens)."""
-        tokens = self.processor.tokenizer(
-            texts, padding="max_length", truncation=True, max_length=self.text_max_tokens, return_tensors="pt"
-        )
-        return {k: tokens[k].to(self.device) for k in ("input_ids", "attention_mask")}
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids as the reference call makes them, truncated to the filter's text length (BLIP: 35)."""
+        return self.processor.tokenizer(texts, truncation=True, max_length=self.text_max_tokens)["input_ids"]
+
+    def padded(self, token_ids: list[list[int]], length: int) -> dict[str, torch.Tensor]:
+        """`token_ids` padded on the right to `length`, with their attention mask, on the device."""
+        pad = self.processor.tokenizer.pad_token_id
+        input_ids = torch.tensor([ids + [pad] * (length - len(ids)) for ids in token_ids])
+        attention_mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids in token_ids])
+        return {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
 
     @torch.inference_mode()
-    def score(
-        self, images: list[Image.Image], captions: list[list[str]], itm: bool, itc: bool
+    def score_pixels(
+        self, pixels: torch.Tensor, captions: list[list[str]], itm: bool, itc: bool
     ) -> list[list[CaptionScores]]:
-        pairs = [(i, text) for i, texts in enumerate(captions) for text in texts]
-        if not pairs:
-            return [[] for _ in images]
-        pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        image_embeds = self.model.vision_model(pixel_values=pixel_values.to(self.device, self.dtype)).last_hidden_state
-
-        tokens = self.tokenize([text for _, text in pairs])
-        image_index = torch.tensor([i for i, _ in pairs], device=self.device)
-        itm_parts: list[torch.Tensor] = []
-        itc_parts: list[torch.Tensor] = []
-        for start in range(0, len(pairs), self.pair_batch_size):
-            count = min(self.pair_batch_size, len(pairs) - start)
-            # Every text pass has the same shape (rows padded with repeats of the first, tokens to the maximum
-            # length): then a pair's scores are bit-identical whatever batch it came in, and reruns give the
-            # same bytes.
-            rows = torch.tensor(
-                list(range(start, start + count)) + [start] * (self.pair_batch_size - count), device=self.device
-            )
-            chunk_tokens = {name: values[rows] for name, values in tokens.items()}
-            chunk_images = image_embeds[image_index[rows]]
-            if itm:
-                itm_parts.append(self._itm(chunk_images, chunk_tokens)[:count])
-            if itc:
-                itc_parts.append(self._itc(chunk_images, chunk_tokens)[:count])
-        # One copy to the host for the whole batch: no device sync per chunk.
-        itm_scores = torch.cat(itm_parts).tolist() if itm else [None] * len(pairs)
-        itc_scores = torch.cat(itc_parts).tolist() if itc else [None] * len(pairs)
-        scores = [CaptionScores(a, b) for a, b in zip(itm_scores, itc_scores)]
+        texts = [text for image_texts in captions for text in image_texts]
+        pair_images = torch.tensor([i for i, image_texts in enumerate(captions) for _ in image_texts])
+        if not texts:
+            return [[] for _ in captions]
+        image_embeds = self.model.vision_model(pixel_values=self.to_device(pixels)).last_hidden_state
+        image_keys = PairImageCache(self.pair_batch_size) if self.sdpa else None
+        token_ids = self.tokenize(texts)
+        # Texts are scored in passes of one length, their token count rounded up to a multiple of 8: then a
+        # short caption costs a short pass, and a pair's pass does not depend on the other texts of the batch.
+        by_length: dict[int, list[int]] = {}
+        for pair, ids in enumerate(token_ids):
+            by_length.setdefault(min(-(-len(ids) // 8) * 8, self.text_max_tokens), []).append(pair)
+        order, itm_parts, itc_parts = [], [], []
+        for length, pairs in sorted(by_length.items()):
+            for start in range(0, len(pairs), self.pair_batch_size):
+                chunk = pairs[start : start + self.pair_batch_size]
+                order += chunk
+                # Every pass has the same shape (rows padded with repeats of the first): then a pair's scores are
+                # bit-identical whatever batch it came in, and reruns give the same bytes.
+                rows = chunk + chunk[:1] * (self.pair_batch_size - len(chunk))
+                tokens = self.padded([token_ids[row] for row in rows], length)
+                images = pair_images[rows].to(self.device)
+                if itm:
+                    itm_parts.append(self._itm(image_embeds, images, tokens, image_keys)[: len(chunk)])
+                if itc:
+                    itc_parts.append(self._itc(image_embeds[images, 0, :], tokens)[: len(chunk)])
+        # One copy to the host for the whole batch: no device sync per pass.
+        itm_scores = dict(zip(order, torch.cat(itm_parts).tolist())) if itm else {}
+        itc_scores = dict(zip(order, torch.cat(itc_parts).tolist())) if itc else {}
+        scores = [CaptionScores(itm_scores.get(pair), itc_scores.get(pair)) for pair in range(len(texts))]
         result, offset = [], 0
-        for texts in captions:
-            result.append(scores[offset : offset + len(texts)])
-            offset += len(texts)
+        for image_texts in captions:
+            result.append(scores[offset : offset + len(image_texts)])
+            offset += len(image_texts)
         return result
 
-    def _itm(self, image_embeds: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Match probability: softmax of the ITM head, index 1 = match."""
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
-        hidden = self.model.text_encoder(
-            **tokens, encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts
-        ).last_hidden_state
+    def _itm(
+        self,
+        image_embeds: torch.Tensor,
+        images: torch.Tensor,
+        tokens: dict[str, torch.Tensor],
+        image_keys: PairImageCache | None,
+    ) -> torch.Tensor:
+        """Match probability: softmax of the ITM head, index 1 = match. With `image_keys`, each image's
+        cross-attention keys and values are projected once for all of its captions."""
+        if image_keys is not None:
+            image_keys.pair_images = images
+            hidden = self.model.text_encoder(
+                **tokens, encoder_hidden_states=image_embeds, past_key_values=image_keys
+            ).last_hidden_state
+        else:
+            pair_embeds = image_embeds[images]
+            image_atts = torch.ones(pair_embeds.shape[:-1], dtype=torch.long, device=self.device)
+            hidden = self.model.text_encoder(
+                **tokens, encoder_hidden_states=pair_embeds, encoder_attention_mask=image_atts
+            ).last_hidden_state
         logits = self.model.itm_head(hidden[:, 0, :]).float()
         return logits.softmax(dim=-1)[:, 1]
 
-    def _itc(self, image_embeds: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Cosine of the unimodal image and text projections."""
-        image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
+    def _itc(self, image_cls: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cosine of the unimodal image and text projections (`image_cls`: each pair's image [CLS] embedding)."""
+        image_feat = F.normalize(self.model.vision_proj(image_cls).float(), dim=-1)
         hidden = self.model.text_encoder(**tokens).last_hidden_state
         text_feat = F.normalize(self.model.text_proj(hidden[:, 0, :]).float(), dim=-1)
         return (image_feat * text_feat).sum(dim=-1)

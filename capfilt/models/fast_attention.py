@@ -5,17 +5,22 @@ matrix; `torch.nn.functional.scaled_dot_product_attention` computes the same thi
 (flash / memory-efficient attention on GPU). `use_sdpa(model)` swaps the forward of each attention module
 of one model instance, leaving the classes (and any other model) untouched. Outputs equal the library's to
 float rounding: tested in tests/test_fast_attention.py.
+
+The `ImageKeyCache`s go further: the text towers cross-attend to the image, and the library projects the
+image tokens to keys and values once per text row: per beam when captioning (and copies them at every beam
+reorder), per caption when scoring. With these caches that projection is done once per image.
 """
 
 from __future__ import annotations
 
 import math
 import types
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import EncoderDecoderCache
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.models.blip.modeling_blip import BlipAttention
 from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 
@@ -25,6 +30,83 @@ def vision_attention(self: BlipAttention, hidden_states: torch.Tensor, **kwargs)
     qkv = self.qkv(hidden_states).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     context = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=self.scale)
     return self.projection(context.transpose(1, 2).reshape(batch, length, width)), None
+
+
+class ImageKeyCache(EncoderDecoderCache, ABC):
+    """Cross-attention keys and values projected once per image and shared by every text row reading that
+    image, instead of once per row. Image tokens are never padding, so no encoder attention mask applies."""
+
+    def __init__(self) -> None:
+        super().__init__(DynamicCache(), DynamicCache())
+
+    def image_keys(self, module: BlipTextSelfAttention, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys and values of every image, (images, heads, tokens, width), projected on first use."""
+        layer = module.layer_idx
+        if not self.is_updated.get(layer, False):
+            self.cross_attention_cache.update(*self.project(module, images), layer)
+            self.is_updated[layer] = True
+        entry = self.cross_attention_cache.layers[layer]
+        return entry.keys, entry.values
+
+    def project(self, module: BlipTextSelfAttention, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return heads(module, module.key, images), heads(module, module.value, images)
+
+    @abstractmethod
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of the text rows' queries to their own image's keys and values."""
+
+
+class BeamImageCache(ImageKeyCache):
+    """For decoding: `rows_per_image` consecutive rows decode the same image, as generate() lays out beams
+    (and sampled captions), each image's row repeated in `encoder_hidden_states`. A beam's image never changes,
+    so beam reordering leaves the cross-attention cache alone."""
+
+    def __init__(self, rows_per_image: int) -> None:
+        super().__init__()
+        self.rows_per_image = rows_per_image
+
+    def project(self, module: BlipTextSelfAttention, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().project(module, images[:: self.rows_per_image])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.self_attention_cache.reorder_cache(beam_idx)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+        # Each image's rows are stacked along the query axis: the same attention without copying keys per row.
+        images, heads_, _, width = key.shape
+        group, steps = query.shape[0] // images, query.shape[2]
+        stacked = query.view(images, group, heads_, steps, width).transpose(1, 2).reshape(images, heads_, -1, width)
+        context = F.scaled_dot_product_attention(stacked, key, value, scale=scale)
+        return context.view(images, heads_, group, steps, width).transpose(1, 2).reshape(query.shape)
+
+
+class PairImageCache(ImageKeyCache):
+    """For scoring image-text pairs: `encoder_hidden_states` holds each image once and `pair_images` (set
+    before each text pass) says which image each text row is paired with. Images are projected in groups of
+    a fixed size, so that an image's keys do not depend on how many images came with it."""
+
+    def __init__(self, group_size: int) -> None:
+        super().__init__()
+        self.group_size = group_size
+        self.pair_images = torch.empty(0, dtype=torch.long)
+
+    def project(self, module: BlipTextSelfAttention, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = [], []
+        for start in range(0, images.shape[0], self.group_size):
+            group = images[start : start + self.group_size]
+            padded = torch.cat([group, group[:1].expand(self.group_size - group.shape[0], *group.shape[1:])])
+            key, value = super().project(module, padded)
+            keys.append(key[: group.shape[0]])
+            values.append(value[: group.shape[0]])
+        return torch.cat(keys), torch.cat(values)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+        return F.scaled_dot_product_attention(query, key[self.pair_images], value[self.pair_images], scale=scale)
+
+
+def heads(module: BlipTextSelfAttention, linear: nn.Linear, states: torch.Tensor) -> torch.Tensor:
+    """`linear(states)` split into attention heads: (batch, heads, tokens, head width)."""
+    return linear(states).view(*states.shape[:-1], -1, module.attention_head_size).transpose(1, 2)
 
 
 def text_attention(
@@ -37,27 +119,31 @@ def text_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """BlipTextSelfAttention.forward with the same cache handling, attention through SDPA."""
-    head = self.attention_head_size
-    query = self.query(hidden_states).view(*hidden_states.shape[:-1], -1, head).transpose(1, 2)
+    scale = 1 / math.sqrt(self.attention_head_size)
+    query = heads(self, self.query, hidden_states)
     cross = encoder_hidden_states is not None
-    mask = encoder_attention_mask if cross else attention_mask
-    cache, reuse = past_key_values, False
-    if isinstance(past_key_values, EncoderDecoderCache):
-        reuse = cross and past_key_values.is_updated.get(self.layer_idx, False)
-        cache = past_key_values.cross_attention_cache if cross else past_key_values.self_attention_cache
-    if reuse:
-        key, value = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
+    if cross and isinstance(past_key_values, ImageKeyCache):
+        key, value = past_key_values.image_keys(self, encoder_hidden_states)
+        context = past_key_values.attend(query, key, value, scale)
     else:
-        states = encoder_hidden_states if cross else hidden_states
-        key = self.key(states).view(*states.shape[:-1], -1, head).transpose(1, 2)
-        value = self.value(states).view(*states.shape[:-1], -1, head).transpose(1, 2)
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
-            if cross and isinstance(past_key_values, EncoderDecoderCache):
-                past_key_values.is_updated[self.layer_idx] = True
-    if mask is not None:
-        mask = mask.to(device=query.device, dtype=query.dtype)
-    context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=1 / math.sqrt(head))
+        mask = encoder_attention_mask if cross else attention_mask
+        cache = past_key_values
+        if isinstance(past_key_values, EncoderDecoderCache):
+            cache = past_key_values.cross_attention_cache if cross else past_key_values.self_attention_cache
+        if isinstance(past_key_values, PairImageCache):
+            cache = None
+        if cross and cache is not None and past_key_values.is_updated.get(self.layer_idx, False):
+            key, value = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
+        else:
+            states = encoder_hidden_states if cross else hidden_states
+            key, value = heads(self, self.key, states), heads(self, self.value, states)
+            if cache is not None:
+                key, value = cache.update(key, value, self.layer_idx)
+                if cross:
+                    past_key_values.is_updated[self.layer_idx] = True
+        if mask is not None:
+            mask = mask.to(device=query.device, dtype=query.dtype)
+        context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
     context = context.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.all_head_size)
     return context, None
 
