@@ -29,10 +29,14 @@ def images():
     return [shapes.render(shapes.random_scene(rng), 96) for _ in range(5)]
 
 
-@pytest.mark.parametrize("num_beams,num_captions", [(3, 1), (3, 2)])
-def test_beam_captions_equal_per_image_generate(tiny_pair, images, num_beams, num_captions):
-    settings = DecodingSettings(num_beams=num_beams, num_captions=num_captions, max_length=12, min_length=5)
-    captioner = load_captioner(str(tiny_pair[0]), settings, "cpu", torch.float32)
+@pytest.mark.parametrize("sdpa", [True, False], ids=["capfilt-decoder", "generate"])
+@pytest.mark.parametrize("num_beams,num_captions,extra", [
+    (3, 1, {}), (3, 2, {}), (4, 1, {"repetition_penalty": 1.3, "prompt": ""}),
+])
+def test_beam_captions_equal_per_image_generate(tiny_pair, images, num_beams, num_captions, extra, sdpa):
+    settings = DecodingSettings(num_beams=num_beams, num_captions=num_captions, max_length=12, min_length=5, **extra)
+    captioner = load_captioner(str(tiny_pair[0]), settings, "cpu", torch.float32, sdpa=sdpa)
+    assert (captioner.decoder is not None) == sdpa  # capfilt's own decoding loop, or the library's generate()
     keys = [f"{i:09d}" for i in range(len(images))]
     captions = captioner.caption(images, keys)
     assert captions == [reference.beam_captions(tiny_pair[0], image, settings) for image in images]
@@ -63,6 +67,26 @@ def test_nucleus_path_equals_generate_when_top_p_keeps_one_token(tiny_pair, imag
     assert captions == [reference.beam_captions(tiny_pair[0], image, greedy) * 2 for image in images]
 
 
+def test_nucleus_captions_are_the_same_through_generate_and_capfilt_decoder(tiny_pair, images):
+    settings = DecodingSettings(num_captions=3, max_length=12, min_length=5, seed=4)
+    keys = [f"key{i}" for i in range(len(images))]
+    fast = load_captioner(str(tiny_pair[0]), settings, "cpu", torch.float32)
+    library = load_captioner(str(tiny_pair[0]), settings, "cpu", torch.float32, sdpa=False)
+    assert fast.decoder is not None and library.decoder is None
+    assert fast.caption(images, keys) == library.caption(images, keys)
+
+
+def test_decoder_leaves_settings_it_does_not_cover_to_generate(tiny_pair):
+    from transformers import BlipForConditionalGeneration
+
+    from capfilt.models.blip_decoding import BlipDecoder
+
+    text_decoder = BlipForConditionalGeneration.from_pretrained(tiny_pair[0]).text_decoder
+    assert BlipDecoder.covers(text_decoder)
+    text_decoder.generation_config.no_repeat_ngram_size = 2  # a checkpoint asking for n-gram blocking
+    assert not BlipDecoder.covers(text_decoder)
+
+
 def test_keyed_gumbel_noise_samples_the_softmax():
     from capfilt.models.sampling import KeyedGumbelNoise
 
@@ -75,8 +99,9 @@ def test_keyed_gumbel_noise_samples_the_softmax():
     assert frequencies[4] == 0
 
 
+@pytest.mark.parametrize("sdpa", [True, False], ids=["image-keys-once", "library-attention"])
 @pytest.mark.parametrize("pair_batch_size", [1, 3, 8])
-def test_filter_scores_equal_per_pair_calls(tiny_pair, images, pair_batch_size):
+def test_filter_scores_equal_per_pair_calls(tiny_pair, images, pair_batch_size, sdpa):
     captions = [
         ["a red circle on a blue background", "IMG_2031.JPG"],
         ["a small yellow triangle"],
@@ -84,7 +109,7 @@ def test_filter_scores_equal_per_pair_calls(tiny_pair, images, pair_batch_size):
         ["a picture of a picture of " * 20, "a green square", "a large star"],
         ["a white square on a black background"],
     ]
-    filter_ = load_filter(str(tiny_pair[1]), "cpu", torch.float32, text_max_tokens=35)
+    filter_ = load_filter(str(tiny_pair[1]), "cpu", torch.float32, text_max_tokens=35, sdpa=sdpa)
     filter_.pair_batch_size = pair_batch_size
     scores = filter_.score(images, captions, itm=True, itc=True)
     assert [len(s) for s in scores] == [len(c) for c in captions]

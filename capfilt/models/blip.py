@@ -27,13 +27,16 @@ from transformers import (
 )
 
 from capfilt.models.base import Captioner, CaptionScores, DecodingSettings, Filter, ImageModel
-from capfilt.models.fast_attention import BeamImageCache, PairImageCache, use_sdpa
+from capfilt.models.blip_decoding import BlipDecoder
+from capfilt.models.fast_attention import PairImageCache, use_sdpa
 from capfilt.models.loading import load_pretrained
+from capfilt.models.preprocess import Preprocess, fast_preprocess, processor_preprocess
 from capfilt.models.sampling import KeyedGumbelNoise, sample_seed
 
 
 class BlipImageInput(ImageModel):
-    """Preprocessing by the checkpoint's own image processor, one image at a time (in the decode workers)."""
+    """Preprocessing as the checkpoint's own image processor does it, one image at a time (in the decode
+    workers); through capfilt's exact table-driven path where it covers the processor's settings."""
 
     processor: BlipProcessor
     device: torch.device
@@ -43,8 +46,13 @@ class BlipImageInput(ImageModel):
     def preprocessing(self) -> str:
         return json.dumps(self.processor.image_processor.to_dict(), sort_keys=True, default=str)
 
+    @functools.cached_property
+    def _preprocess(self) -> Preprocess:
+        image_processor = self.processor.image_processor
+        return fast_preprocess(image_processor) or processor_preprocess(image_processor)
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        return self._preprocess(image)
 
     def to_device(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":  # pinned, so that the copy overlaps work already queued on the GPU
@@ -66,6 +74,12 @@ class BlipCaptioner(BlipImageInput, Captioner):
         if sdpa:
             use_sdpa(self.model)
         self.prompt_ids = self._prompt_ids()
+        config = self.model.config.text_config
+        # Our own decoding loop where it reproduces generate(); generate() itself with --eager-attention (the
+        # library's reference path) or a checkpoint asking for settings the loop does not cover.
+        self.decoder = None
+        if sdpa and BlipDecoder.covers(self.model.text_decoder):
+            self.decoder = BlipDecoder(self.model.text_decoder, config.sep_token_id, config.pad_token_id)
 
     def _prompt_ids(self) -> torch.Tensor:
         """The decoder's first tokens, as BLIP's generate() makes them: the prompt's [CLS] swapped for [DEC]
@@ -79,37 +93,46 @@ class BlipCaptioner(BlipImageInput, Captioner):
 
     @torch.inference_mode()
     def caption_pixels(self, pixels: torch.Tensor, keys: list[str]) -> list[list[str]]:
-        """BLIP's generate() with the image encoded once, its cross-attention keys and values projected once
-        and shared by all its beams or sampled captions (BeamImageCache), and keyed sampling."""
-        s, config = self.settings, self.model.config.text_config
+        """BLIP's generate() with the image encoded once for all of its beams or sampled captions, and keyed
+        sampling; stepped by `BlipDecoder` where it covers the settings."""
+        s = self.settings
         image_embeds = self.model.vision_model(pixel_values=self.to_device(pixels)).last_hidden_state
+        lengths = {"max_length": s.max_length, "min_length": s.min_length,
+                   "repetition_penalty": s.effective_repetition_penalty}
         if s.method == "beam":
-            rows_per_image = s.num_beams
-            decoding = dict(num_beams=s.num_beams, num_return_sequences=s.num_captions, do_sample=False)
-        else:  # one row per caption, each sampled with its own keyed noise
-            rows_per_image = s.num_captions
-            image_embeds = image_embeds.repeat_interleave(s.num_captions, dim=0)
+            if self.decoder is not None:
+                sequences = self.decoder.beam_search(image_embeds, self.prompt_ids, s.num_beams, s.num_captions,
+                                                     **lengths)
+            else:
+                sequences = self._generate(image_embeds, num_beams=s.num_beams, num_return_sequences=s.num_captions,
+                                           **lengths)
+        else:  # one row per caption, each sampled by greedy decoding over its own keyed noise
             seeds = [sample_seed(s.seed, key, j) for key in keys for j in range(s.num_captions)]
-            decoding = dict(
-                do_sample=False, logits_processor=LogitsProcessorList([*self._warpers(), KeyedGumbelNoise(seeds)])
-            )
+            warpers = [*self._warpers(), KeyedGumbelNoise(seeds)]
+            if self.decoder is not None:
+                sequences = self.decoder.greedy(image_embeds, self.prompt_ids, s.num_captions, warpers=warpers,
+                                                **lengths)
+            else:
+                sequences = self._generate(image_embeds.repeat_interleave(s.num_captions, dim=0),
+                                           logits_processor=LogitsProcessorList(warpers), **lengths)
+        texts = self.processor.batch_decode(sequences, skip_special_tokens=True)
+        n = s.num_captions
+        return [[strip_prompt(t, s.prompt) for t in texts[i * n : (i + 1) * n]] for i in range(len(keys))]
+
+    def _generate(self, image_embeds: torch.Tensor, **decoding: object) -> torch.Tensor:
+        """What BlipForConditionalGeneration.generate does after its vision pass."""
+        config = self.model.config.text_config
         input_ids = self.prompt_ids.expand(image_embeds.shape[0], -1)
-        sequences = self.model.text_decoder.generate(
+        return self.model.text_decoder.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             encoder_hidden_states=image_embeds,
             encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device),
             eos_token_id=config.sep_token_id,
             pad_token_id=config.pad_token_id,
-            past_key_values=BeamImageCache(rows_per_image),
-            max_length=s.max_length,
-            min_length=s.min_length,
-            repetition_penalty=s.effective_repetition_penalty,
+            do_sample=False,
             **decoding,
         )
-        texts = self.processor.batch_decode(sequences, skip_special_tokens=True)
-        n = s.num_captions
-        return [[strip_prompt(t, s.prompt) for t in texts[i * n : (i + 1) * n]] for i in range(len(keys))]
 
     def _warpers(self) -> list:
         """The filters `generate(do_sample=True)` would apply: the checkpoint's temperature and top-k, our top-p."""
@@ -148,7 +171,7 @@ class BlipFilter(BlipImageInput, Filter):
         self.text_max_tokens = text_max_tokens
         # Pairs per text pass; fixed per device (not per run) so that outputs do not depend on --batch-size.
         # Small on CPU, where padding rows cost their full compute and batching gains little.
-        self.pair_batch_size = pair_batch_size or (8 if self.device.type == "cpu" else 32)
+        self.pair_batch_size = pair_batch_size or (16 if self.device.type == "cpu" else 32)
         self.processor = load_pretrained(AutoProcessor, model_id, "filter")
         self.model = load_pretrained(BlipForImageTextRetrieval, model_id, "filter", dtype=dtype)
         self.model.to(self.device).eval()

@@ -6,16 +6,15 @@ matrix; `torch.nn.functional.scaled_dot_product_attention` computes the same thi
 of one model instance, leaving the classes (and any other model) untouched. Outputs equal the library's to
 float rounding: tested in tests/test_fast_attention.py.
 
-The `ImageKeyCache`s go further: the text towers cross-attend to the image, and the library projects the
-image tokens to keys and values once per text row: per beam when captioning (and copies them at every beam
-reorder), per caption when scoring. With these caches that projection is done once per image.
+`PairImageCache` goes further for the filter: its text encoder cross-attends to the image, and the library
+projects the image tokens to keys and values once per image-caption pair; with this cache, once per image.
+(Captioning does the same in capfilt.models.blip_decoding.)
 """
 
 from __future__ import annotations
 
 import math
 import types
-from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -32,72 +31,34 @@ def vision_attention(self: BlipAttention, hidden_states: torch.Tensor, **kwargs)
     return self.projection(context.transpose(1, 2).reshape(batch, length, width)), None
 
 
-class ImageKeyCache(EncoderDecoderCache, ABC):
-    """Cross-attention keys and values projected once per image and shared by every text row reading that
-    image, instead of once per row. Image tokens are never padding, so no encoder attention mask applies."""
+class PairImageCache(EncoderDecoderCache):
+    """For scoring image-text pairs: cross-attention keys and values projected once per image and shared by
+    all of its captions, instead of once per pair. `encoder_hidden_states` holds each image once and
+    `pair_images` (set before each text pass) says which image each text row is paired with; image tokens
+    are never padding, so no encoder mask applies. Images are projected in groups of a fixed size, so that
+    an image's keys do not depend on how many images came with it."""
 
-    def __init__(self) -> None:
+    def __init__(self, group_size: int) -> None:
         super().__init__(DynamicCache(), DynamicCache())
+        self.group_size = group_size
+        self.pair_images = torch.empty(0, dtype=torch.long)
 
     def image_keys(self, module: BlipTextSelfAttention, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's keys and values of every image, (images, heads, tokens, width), projected on first use."""
         layer = module.layer_idx
         if not self.is_updated.get(layer, False):
-            self.cross_attention_cache.update(*self.project(module, images), layer)
+            self.cross_attention_cache.update(*self._project(module, images), layer)
             self.is_updated[layer] = True
         entry = self.cross_attention_cache.layers[layer]
         return entry.keys, entry.values
 
-    def project(self, module: BlipTextSelfAttention, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return heads(module, module.key, images), heads(module, module.value, images)
-
-    @abstractmethod
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attention of the text rows' queries to their own image's keys and values."""
-
-
-class BeamImageCache(ImageKeyCache):
-    """For decoding: `rows_per_image` consecutive rows decode the same image, as generate() lays out beams
-    (and sampled captions), each image's row repeated in `encoder_hidden_states`. A beam's image never changes,
-    so beam reordering leaves the cross-attention cache alone."""
-
-    def __init__(self, rows_per_image: int) -> None:
-        super().__init__()
-        self.rows_per_image = rows_per_image
-
-    def project(self, module: BlipTextSelfAttention, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return super().project(module, images[:: self.rows_per_image])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.self_attention_cache.reorder_cache(beam_idx)
-
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-        # Each image's rows are stacked along the query axis: the same attention without copying keys per row.
-        images, heads_, _, width = key.shape
-        group, steps = query.shape[0] // images, query.shape[2]
-        stacked = query.view(images, group, heads_, steps, width).transpose(1, 2).reshape(images, heads_, -1, width)
-        context = F.scaled_dot_product_attention(stacked, key, value, scale=scale)
-        return context.view(images, heads_, group, steps, width).transpose(1, 2).reshape(query.shape)
-
-
-class PairImageCache(ImageKeyCache):
-    """For scoring image-text pairs: `encoder_hidden_states` holds each image once and `pair_images` (set
-    before each text pass) says which image each text row is paired with. Images are projected in groups of
-    a fixed size, so that an image's keys do not depend on how many images came with it."""
-
-    def __init__(self, group_size: int) -> None:
-        super().__init__()
-        self.group_size = group_size
-        self.pair_images = torch.empty(0, dtype=torch.long)
-
-    def project(self, module: BlipTextSelfAttention, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _project(self, module: BlipTextSelfAttention, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = [], []
         for start in range(0, images.shape[0], self.group_size):
             group = images[start : start + self.group_size]
             padded = torch.cat([group, group[:1].expand(self.group_size - group.shape[0], *group.shape[1:])])
-            key, value = super().project(module, padded)
-            keys.append(key[: group.shape[0]])
-            values.append(value[: group.shape[0]])
+            keys.append(heads(module, module.key, padded)[: group.shape[0]])
+            values.append(heads(module, module.value, padded)[: group.shape[0]])
         return torch.cat(keys), torch.cat(values)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
@@ -122,7 +83,7 @@ def text_attention(
     scale = 1 / math.sqrt(self.attention_head_size)
     query = heads(self, self.query, hidden_states)
     cross = encoder_hidden_states is not None
-    if cross and isinstance(past_key_values, ImageKeyCache):
+    if cross and isinstance(past_key_values, PairImageCache):
         key, value = past_key_values.image_keys(self, encoder_hidden_states)
         context = past_key_values.attend(query, key, value, scale)
     else:
