@@ -26,6 +26,7 @@ import random
 import resource
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -59,6 +60,7 @@ MAX_LENGTH, MIN_LENGTH = 30, 10
 ITM_TOKENS = 35  # BLIP's ITM text length, capfilt's FilterSettings.text_max_tokens
 BERT_VOCAB = 30524  # BERT's 30522 tokens + BLIP's [DEC] and [ENC]
 ITM_TOLERANCE = 1e-4
+BACKGROUND_PARTS = ("read", "decode", "resize")  # in capfilt, overlapping the models
 # Dense datasheet peaks (FLOP/s): bf16/fp16 tensor cores, and fp32 without TF32 (torch's default for matmuls).
 # The first name contained in torch.cuda.get_device_name wins; other devices get a measured matmul.
 GPU_PEAKS = (("H200", 989e12, 67e12), ("H100 PCIe", 756e12, 51e12), ("H100", 989e12, 67e12),
@@ -170,6 +172,7 @@ class Timers:
     def __init__(self, cuda: bool) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.cuda = cuda
+        self.lock = threading.Lock()  # capfilt's decode workers time their resizing from several threads
 
     def sync(self) -> None:
         if self.cuda:  # GPU work is asynchronous: wait for it, or its time lands in whatever syncs next
@@ -183,7 +186,8 @@ class Timers:
             finally:
                 if sync:
                     self.sync()
-                self.seconds[name] += time.perf_counter() - start
+                with self.lock:
+                    self.seconds[name] += time.perf_counter() - start
 
         return timed
 
@@ -246,19 +250,20 @@ class Method:
         return 1 / per_image if per_image > 0 else float("nan")
 
     def split(self, count: int) -> dict[str, float]:
-        """Seconds per image by part; model stages less the resizing and vision passes inside them."""
+        """Seconds per image by part; model stages less the resizing (plain loop) and vision passes inside them."""
         p = defaultdict(float, {k: (self.large.parts.get(k, 0.0) - self.small.parts.get(k, 0.0)) / count
                                 for k in {*self.large.parts, *self.small.parts}})
+        inline_resize = 0.0 if self.background_io else 1.0  # capfilt resizes in its decode workers
         split = {
             "read": p["read"],
             "decode": p["decode"],
-            "resize": p["resize:caption"] + p["resize:filter"],
+            "resize": sum(seconds for part, seconds in p.items() if part.startswith("resize")),
             "vision": p["vision:caption"] + p["vision:filter"],
-            "decoding": p["caption"] - p["vision:caption"] - p["resize:caption"],
-            "ITM": p["filter"] - p["vision:filter"] - p["resize:filter"],
+            "decoding": p["caption"] - p["vision:caption"] - inline_resize * p["resize:caption"],
+            "ITM": p["filter"] - p["vision:filter"] - inline_resize * p["resize:filter"],
             "write": p["write"],
         }
-        inline = [k for k in split if not (self.background_io and k in ("read", "decode"))]
+        inline = [k for k in split if not (self.background_io and k in BACKGROUND_PARTS)]
         split["other"] = self.per_image(count) - sum(split[k] for k in inline)
         return split
 
@@ -353,11 +358,12 @@ def run_capfilt(config: RunConfig) -> tuple[Run, dict[str, Sample]]:
 
 def instrument(pipeline: Pipeline, timers: Timers, written: dict[str, Sample]) -> None:
     """Time the pipeline's parts, and keep every sample it writes in `written`."""
+    worker = pipeline.runner.worker
     # The formats are shared singletons: time copies of them, so no wrapper outlives this run.
-    reader = pipeline.input_format = copy.copy(pipeline.input_format)
+    reader = worker.input_format = copy.copy(worker.input_format)
     read_shard = reader.read_shard
     reader.read_shard = lambda *args, **kwargs: timers.iterate("read", read_shard(*args, **kwargs))
-    output_format = pipeline.output_format = copy.copy(pipeline.output_format)
+    output_format = worker.output_format = copy.copy(worker.output_format)
     open_writer = output_format.open_writer
 
     def timed_writer(*args: Any, **kwargs: Any) -> Any:
@@ -372,12 +378,14 @@ def instrument(pipeline: Pipeline, timers: Timers, written: dict[str, Sample]) -
         return writer
 
     output_format.open_writer = timed_writer
-    pipeline.decode.process = timers.wrap("decode", pipeline.decode.process, sync=False)
-    for stage in pipeline.stages:
+    worker.decode.process = timers.wrap("decode", worker.decode.process, sync=False)
+    preprocessors = worker.decode.preprocessors
+    for name, preprocess in preprocessors.items():  # one per distinct preprocessing, in the decode workers
+        preprocessors[name] = timers.wrap("resize", preprocess, sync=False)
+    for stage in worker.stages:
         stage.process = timers.wrap(stage.name, stage.process)
         model = getattr(stage, "captioner", None) or stage.filter
         timers.hook(f"vision:{stage.name}", model.model.vision_model)
-        timers.time_preprocess(f"resize:{stage.name}", model.processor)
 
 
 # --- FLOPs and peaks ----------------------------------------------------------------------------------------
@@ -606,14 +614,15 @@ def print_report(args: argparse.Namespace, methods: list[Method], count: int, im
         print("peak mem: torch.cuda.max_memory_allocated over the method's runs")
 
     parts = list(methods[0].split(count))
-    header = f"{'ms per image':<32}" + "".join(f"{p + ('*' if p in ('read', 'decode') else ''):>10}" for p in parts)
+    header = f"{'ms per image':<32}" + "".join(f"{p + ('*' if p in BACKGROUND_PARTS else ''):>10}" for p in parts)
     print("\n" + header + "\n" + "-" * len(header))
     for m in methods:
         split = m.split(count)
         print(f"{m.name:<32}" + "".join(f"{1000 * split[p]:>10.2f}" for p in parts))
-    print("* capfilt reads and decodes in a background thread, overlapping the models (not in its 'other');"
-          " the plain loop decodes inline.\nresize = image processor; decoding = caption stage less its resize"
-          " and vision; ITM = filter stage less its resize and vision; other = the rest of the wall time")
+    print("* capfilt reads, decodes and resizes in background threads, overlapping the models (not in its 'other';"
+          " its decode includes its resize);\n  the plain loop does them inline. resize = image processor;"
+          " decoding = caption stage less its vision (and the plain loop's resize);\n  ITM = filter stage less its"
+          " vision (and the plain loop's resize); other = the rest of the wall time")
     if device.type == "cpu":
         print("(b) batched loop: skipped on CPU (GPU only)")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Annotated
 
@@ -54,16 +55,44 @@ EagerAttention = Annotated[
     bool, typer.Option("--eager-attention", help="transformers' own BLIP attention instead of fused SDPA.")
 ]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo every shard instead of resuming.")]
+Devices = Annotated[
+    str | None, typer.Option("--devices", help="One worker process per device: all (every GPU), 0,1 or cuda:0,cuda:1.")
+]
+Ray = Annotated[str | None, typer.Option("--ray", help="Run on a Ray cluster: its address, or auto.")]
+RayWorkers = Annotated[int | None, typer.Option("--ray-workers", help="Ray actors [default: one per cluster GPU].")]
+ShardIndex = Annotated[
+    int | None, typer.Option("--shard-index", help="This process's share of a split job [$SLURM_ARRAY_TASK_ID].")
+]
+NumShards = Annotated[int | None, typer.Option("--num-shards", help="Shares of a split job [$SLURM_ARRAY_TASK_COUNT].")]
 
 
-def resolve_device(device: str, dtype: str) -> tuple[str, str]:
+def resolve_device(device: str, dtype: str, devices: str | None) -> tuple[str, str, tuple[str, ...]]:
+    """The device (the first of `devices` when given), the dtype for it, and every device to run on."""
     import torch
 
-    if device == "auto":
+    listed: tuple[str, ...] = ()
+    if devices == "all":
+        listed = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+        if not listed:
+            raise ConfigError("--devices all: no CUDA device is visible")
+    elif devices:
+        listed = tuple(f"cuda:{d}" if d.isdigit() else d for d in (d.strip() for d in devices.split(",")) if d)
+    if listed:
+        device = listed[0]
+    elif device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "float32" if device == "cpu" else "bfloat16"
-    return device, dtype
+    return device, dtype, listed or (device,)
+
+
+def shard_share(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
+    """This process's share of a split job: the flags, else a SLURM job array's variables, else all of it."""
+    if num_shards is None and "SLURM_ARRAY_TASK_COUNT" in os.environ:
+        num_shards = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+        minimum = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        shard_index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - minimum if shard_index is None else shard_index
+    return shard_index or 0, num_shards or 1
 
 
 def decoding_settings(preset: Preset, num_captions: int, num_beams: int, top_p: float | None,
@@ -97,16 +126,19 @@ def filter_settings(preset: Preset, scores: str, threshold: float | None, itc_th
 
 
 def execute(command: Command, input: str, output: str, quiet: bool, device: str, dtype: str,
-            storage_options: str | None, **settings: object) -> None:
+            storage_options: str | None, devices: str | None, ray: str | None, ray_workers: int | None,
+            shard_index: int | None, num_shards: int | None, **settings: object) -> None:
     """Build the config, run the pipeline with progress, print the summary; user errors as one line."""
     console = Console(stderr=True, quiet=quiet)
     try:
-        device, dtype = resolve_device(device, dtype)
+        device, dtype, listed = resolve_device(device, dtype, devices)
         options = json.loads(storage_options) if storage_options else {}
         if not isinstance(options, dict):
             raise ConfigError("--storage-options must be a JSON object")
+        index, count = shard_share(shard_index, num_shards)
         config = RunConfig(command=command, input=input, output=output, device=device, dtype=dtype,
-                           storage_options=options, **settings)
+                           storage_options=options, devices=listed, ray_address=ray, ray_workers=ray_workers,
+                           shard_index=index, num_shards=count, **settings)
         from transformers.utils import logging as transformers_logging
 
         from capfilt.pipeline import Pipeline
@@ -146,6 +178,8 @@ def caption(
     image_column: ImageColumn = None, device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = 32,
     seed: Seed = 0, storage_options: StorageOptions = None, quiet: Quiet = False, overwrite: Overwrite = False,
     eager_attention: EagerAttention = False,
+    devices: Devices = None, ray: Ray = None, ray_workers: RayWorkers = None,
+    shard_index: ShardIndex = None, num_shards: NumShards = None,
 ) -> None:
     """Add synthetic captions (nucleus sampling by default, beam search with --num-beams)."""
     try:
@@ -154,7 +188,8 @@ def caption(
                                      repetition_penalty, prompt, seed)
     except CapfiltError as error:
         _fail(str(error))
-    execute(Command.caption, input, output, quiet, device, dtype, storage_options,
+    execute(Command.caption, input, output, quiet, device, dtype, storage_options, devices, ray, ray_workers,
+            shard_index, num_shards,
             captioner=captioner or p.captioner, decoding=decoding, input_format=input_format,
             output_format=output_format, caption_column=caption_column, image_column=image_column,
             batch_size=batch_size, overwrite=overwrite, sdpa=not eager_attention)
@@ -168,6 +203,8 @@ def filter_command(
     caption_column: CaptionColumn = None, image_column: ImageColumn = None, device: Device = "auto",
     dtype: Dtype = "auto", batch_size: BatchSize = 32, storage_options: StorageOptions = None, quiet: Quiet = False,
     overwrite: Overwrite = False, eager_attention: EagerAttention = False,
+    devices: Devices = None, ray: Ray = None, ray_workers: RayWorkers = None,
+    shard_index: ShardIndex = None, num_shards: NumShards = None,
 ) -> None:
     """Score web and synthetic captions (ITM and/or ITC) and drop, or annotate, the pairs that do not match."""
     try:
@@ -175,7 +212,8 @@ def filter_command(
         filtering = filter_settings(p, scores, threshold, itc_threshold, mode)
     except CapfiltError as error:
         _fail(str(error))
-    execute(Command.filter, input, output, quiet, device, dtype, storage_options,
+    execute(Command.filter, input, output, quiet, device, dtype, storage_options, devices, ray, ray_workers,
+            shard_index, num_shards,
             filter=filter or p.filter, filtering=filtering, input_format=input_format,
             output_format=output_format, caption_column=caption_column, image_column=image_column,
             batch_size=batch_size, overwrite=overwrite, sdpa=not eager_attention)
@@ -192,6 +230,8 @@ def bootstrap(
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = 32, seed: Seed = 0,
     storage_options: StorageOptions = None, quiet: Quiet = False, overwrite: Overwrite = False,
     eager_attention: EagerAttention = False,
+    devices: Devices = None, ray: Ray = None, ray_workers: RayWorkers = None,
+    shard_index: ShardIndex = None, num_shards: NumShards = None,
 ) -> None:
     """Caption, then filter the web caption and every synthetic caption, in one pass (CapFilt)."""
     try:
@@ -201,7 +241,8 @@ def bootstrap(
         filtering = filter_settings(p, scores, threshold, itc_threshold, mode)
     except CapfiltError as error:
         _fail(str(error))
-    execute(Command.bootstrap, input, output, quiet, device, dtype, storage_options,
+    execute(Command.bootstrap, input, output, quiet, device, dtype, storage_options, devices, ray, ray_workers,
+            shard_index, num_shards,
             captioner=captioner or p.captioner, filter=filter or p.filter, decoding=decoding,
             filtering=filtering, input_format=input_format, output_format=output_format,
             caption_column=caption_column, image_column=image_column, batch_size=batch_size,
@@ -225,6 +266,29 @@ def show(
     except CapfiltError as error:
         _fail(str(error))
     Console().print(samples_table(written, dropped, f"{output}: first {limit} written and dropped samples"))
+
+
+@app.command()
+def summary(
+    output: Annotated[str, typer.Argument(help="The output directory of a split job (--shard-index/--num-shards).")],
+    storage_options: StorageOptions = None,
+) -> None:
+    """Merge every shard's stats into the run summary (capfilt_summary.json), once all shares have finished."""
+    from capfilt.pipeline import summarize
+
+    try:
+        options = json.loads(storage_options) if storage_options else {}
+        merged, missing = summarize(output, options)
+    except json.JSONDecodeError as error:
+        _fail(f"--storage-options is not valid JSON: {error}")
+    except CapfiltError as error:
+        _fail(str(error))
+    Console().print(summary_table(merged))
+    if missing:
+        _fail(f"{len(missing)} shard(s) not complete yet: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
+              "; no summary written")
+    if merged.failed_shards:
+        _fail(f"{len(merged.failed_shards)} shard(s) failed: {', '.join(merged.failed_shards)} (see the summary)")
 
 
 @app.command()

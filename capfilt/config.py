@@ -67,6 +67,13 @@ class RunConfig:
     sdpa: bool = True
     overwrite: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # Where shards run: more than one device gives one worker process per device; a Ray address, Ray actors.
+    devices: tuple[str, ...] = ()
+    ray_address: str | None = None
+    ray_workers: int | None = None
+    # This process's share of a job split over independent processes: every num_shards-th shard from shard_index.
+    shard_index: int = 0
+    num_shards: int = 1
 
     def __post_init__(self) -> None:
         if self.command in (Command.caption, Command.bootstrap) and (not self.captioner or not self.decoding):
@@ -75,6 +82,10 @@ class RunConfig:
             raise ConfigError(f"'{self.command.value}' needs a filter")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise ConfigError(f"--shard-index must be in 0..{self.num_shards - 1} (of --num-shards {self.num_shards})")
+        if self.ray_workers is not None and self.ray_workers < 1:
+            raise ConfigError("--ray-workers must be at least 1")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown --dtype {self.dtype}; choose one of {', '.join(DTYPES)}")
         if self.device == "cpu" and DTYPES[self.dtype] == torch.float16:

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import uuid
 from typing import IO, Any
 
 from fsspec import AbstractFileSystem
@@ -26,13 +27,15 @@ RUN_FILE = "capfilt_run.json"
 SUMMARY_FILE = "capfilt_summary.json"
 LOCK_FILE = "capfilt.lock"
 # Settings that do not change what is written: a resumed run may differ in these.
-NON_OUTPUT_SETTINGS = ("device", "batch_size", "decode_workers", "overwrite", "capfilt_version")
+NON_OUTPUT_SETTINGS = ("device", "devices", "ray_address", "ray_workers", "shard_index", "num_shards", "batch_size",
+                       "decode_workers", "overwrite", "capfilt_version")
 
 
 class OutputDirectory:
     def __init__(self, fs: AbstractFileSystem, path: str, output_format: Format) -> None:
         self.fs, self.path, self.format = fs, path.rstrip("/"), output_format
         self._lock: IO[str] | None = None
+        self._lock_path = self.file(LOCK_FILE)
 
     def file(self, name: str) -> str:
         return f"{self.path}/{name}"
@@ -42,11 +45,13 @@ class OutputDirectory:
         return {kind: self.file(f"{shard_name}_{kind}{ext}") for kind, ext in
                 (("stats", ".json"), ("rejects", ".jsonl"), ("dropped", ".jsonl"))}
 
-    def lock(self) -> None:
-        """Take the directory for this run, or fail in one line when another live run holds it."""
+    def lock(self, part: str | None = None) -> None:
+        """Take the directory (or `part` of a split job: its own lock) for this run, or fail in one line when
+        another live run holds it."""
         if not isinstance(self.fs, LocalFileSystem):
             return  # object stores have no locks; shards are still written atomically
-        handle = open(self.file(LOCK_FILE), "a+")  # noqa: SIM115 (held until unlock)
+        self._lock_path = self.file(LOCK_FILE if part is None else f"capfilt.{part}.lock")
+        handle = open(self._lock_path, "a+")  # noqa: SIM115 (held until unlock)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -62,15 +67,16 @@ class OutputDirectory:
     def unlock(self) -> None:
         if self._lock is not None:
             with contextlib.suppress(OSError):
-                os.unlink(self.file(LOCK_FILE))
+                os.unlink(self._lock_path)
             self._lock.close()
             self._lock = None
 
-    def prepare(self, settings: dict[str, Any], shards: list[Shard], overwrite: bool) -> None:
-        """Check or record the run's settings, clear what a killed run left, or everything on overwrite."""
+    def prepare(self, settings: dict[str, Any], shards: list[Shard], overwrite: bool, whole_run: bool = True) -> None:
+        """Check or record the run's settings, clear what a killed run left of `shards`, or their outputs on
+        overwrite. Only a `whole_run` (not one share of a split job) touches the run summary."""
         run_file = self.file(RUN_FILE)
         if overwrite:
-            self._remove_outputs(shards)
+            self._remove_outputs(shards, whole_run)
         elif self.fs.exists(run_file):
             previous = json.loads(self.fs.cat_file(run_file))
             changed = _changed_settings(previous, settings)
@@ -79,25 +85,39 @@ class OutputDirectory:
                     f"{self.path} holds the output of a run with other settings ({'; '.join(changed)}); "
                     "rerun with the same settings to resume, pass --overwrite to start again, or use another output"
                 )
-        for leftover in self.fs.glob(self.file("*.tmp")):
+        for leftover in self._temporaries(shards, whole_run):
             self.fs.rm(leftover, recursive=True)
         self.write_json(run_file, settings)
 
-    def completed(self, shard: Shard) -> ShardStats | None:
-        """The stats of a shard a previous run finished, or None when it must be (re)done."""
+    def _temporaries(self, shards: list[Shard], whole_run: bool) -> list[str]:
+        """What killed runs left unfinished of `shards` (other shares of a split job may be writing theirs)."""
+        patterns = [self.file(f"{RUN_FILE}.*.tmp"), self.file(f"{SUMMARY_FILE}.*.tmp")] if whole_run else []
+        for shard in shards:
+            for path in self.format.output_paths(self.path, shard.name) + list(self.side_files(shard.name).values()):
+                patterns += [f"{path}.tmp", f"{path}.*.tmp"]
+        return [leftover for pattern in patterns for leftover in self.fs.glob(pattern)]
+
+    def shard_stats(self, shard: Shard) -> ShardStats | None:
+        """The stats a run wrote for `shard` (complete, or failed with an error), or None."""
         stats_path = self.side_files(shard.name)["stats"]
         if not self.fs.exists(stats_path):
             return None
         try:
-            stats = ShardStats.from_record(json.loads(self.fs.cat_file(stats_path)))
+            return ShardStats.from_record(json.loads(self.fs.cat_file(stats_path)))
         except (ValueError, TypeError):
             return None
-        if stats.error or not all(self.fs.exists(p) for p in self.format.output_paths(self.path, shard.name)):
+
+    def completed(self, shard: Shard) -> ShardStats | None:
+        """The stats of a shard a previous run finished, or None when it must be (re)done."""
+        stats = self.shard_stats(shard)
+        if stats is None or stats.error:
+            return None
+        if not all(self.fs.exists(p) for p in self.format.output_paths(self.path, shard.name)):
             return None
         return stats
 
-    def _remove_outputs(self, shards: list[Shard]) -> None:
-        paths = [self.file(RUN_FILE), self.file(SUMMARY_FILE)]
+    def _remove_outputs(self, shards: list[Shard], whole_run: bool) -> None:
+        paths = [self.file(RUN_FILE), self.file(SUMMARY_FILE)] if whole_run else []
         for shard in shards:
             paths += self.format.output_paths(self.path, shard.name) + list(self.side_files(shard.name).values())
         for path in paths:
@@ -111,8 +131,9 @@ class OutputDirectory:
         self.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
     def write_text(self, path: str, text: str) -> None:
-        """Write under a temporary name and rename, so a reader never sees half a file."""
-        temporary = f"{path}.tmp"
+        """Write under a temporary name and rename, so a reader never sees half a file. The name is unique to
+        this writer: the shares of a split job may write the same run file at once."""
+        temporary = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
         with self.fs.open(temporary, "w", encoding="utf-8") as handle:
             handle.write(text)
         self.fs.mv(temporary, path)

@@ -1,200 +1,104 @@
-"""Runs a capfilt job: read shards → decode → caption → filter → write shards, one shard at a time.
+"""Runs a capfilt job: resolve input and output, take this run's share of the shards, skip those already
+complete, have a runner process the rest, and merge every shard's stats into the run summary.
 
-The shard is the unit of work: its output shard, rejects, dropped list and stats are all written under
-temporary names and moved into place when the shard is complete, stats last (its presence marks a finished
-shard), so rerunning the same command resumes where a killed run stopped. Reading and decoding of the next
-batch overlap the models' work on the current one; a model stage whose batch runs out of device memory is
-retried in halves.
+The runner decides where shards run: in this process (the default), one process per device (`--devices`),
+or actors on a Ray cluster (`--ray`); all of them run the same `ShardWorker`, so the output is the same.
+A job split over independent processes (`--shard-index I --num-shards N`, e.g. a SLURM array) gives each
+process every N-th shard; `capfilt summary OUTPUT` then merges the run summary once all have finished.
 """
 
 from __future__ import annotations
 
 import json
-import queue
-import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-
-import torch
 
 from capfilt import __version__
-from capfilt.config import Command, RunConfig
-from capfilt.decode import DEFAULT_MAX_PIXELS
-from capfilt.errors import ShardReadError
+from capfilt.config import RunConfig
+from capfilt.errors import OutputError
 from capfilt.formats import get_format
 from capfilt.formats.base import Shard
-from capfilt.models import load_captioner, load_filter
-from capfilt.models.base import ImageModel
 from capfilt.observer import Observer
-from capfilt.output import SUMMARY_FILE, OutputDirectory
+from capfilt.output import RUN_FILE, SUMMARY_FILE, OutputDirectory
 from capfilt.paths import check_output_apart, resolve_input, resolve_output
-from capfilt.sample import Reject, Sample
-from capfilt.schema import capfilt_fields
-from capfilt.stages import Batch, CaptionStage, DecodeStage, FilterStage, Stage
+from capfilt.runners import make_runner
 from capfilt.stats import RunSummary, ShardStats
+from capfilt.worker import Locations
+
+
+def resolve(config: RunConfig) -> Locations:
+    """Where `config` reads and writes, with every input shard listed."""
+    fs_in, input_format, shards = resolve_input(config.input, config.input_format, config.storage_options)
+    output_format = get_format(config.output_format or input_format.name)
+    fs_out, output_dir = resolve_output(config.output, config.storage_options)
+    check_output_apart(fs_in, shards, fs_out, output_dir)
+    return Locations(fs_in, input_format, shards, fs_out, output_dir, output_format)
+
+
+def shard_share(shards: list[Shard], index: int, count: int) -> list[Shard]:
+    """Process `index` of `count`'s shards: every `count`-th from its own offset, so each runs exactly once."""
+    return shards[index::count]
 
 
 class Pipeline:
-    """A configured run: resolved input and output, loaded models, and the stages between them."""
+    """A configured run: resolved input and output, this run's shards, and the runner that processes them."""
 
     def __init__(self, config: RunConfig, observer: Observer | None = None) -> None:
         self.config = config
         self.observer = observer or Observer()
-        self.fs_in, self.input_format, self.shards = resolve_input(
-            config.input, config.input_format, config.storage_options
-        )
-        self.output_format = get_format(config.output_format or self.input_format.name)
-        self.fs_out, output_dir = resolve_output(config.output, config.storage_options)
-        check_output_apart(self.fs_in, self.shards, self.fs_out, output_dir)
-        self.output = OutputDirectory(self.fs_out, output_dir, self.output_format)
-        self.executor = ThreadPoolExecutor(max_workers=max(1, config.decode_workers))
-        self.stage_batch_limit: dict[str, int] = {}
-        self.models: list[ImageModel] = []
-        self.stages = self._build_model_stages()
-        self.decode = DecodeStage(self.executor, DEFAULT_MAX_PIXELS, self.models)
-
-    def _build_model_stages(self) -> list[Stage]:
-        c = self.config
-        stages: list[Stage] = []
-        if c.command in (Command.caption, Command.bootstrap):
-            captioner = load_captioner(c.captioner, c.decoding, c.device, c.torch_dtype, c.sdpa)
-            self.models.append(captioner)
-            stages.append(CaptionStage(captioner))
-        if c.command in (Command.filter, Command.bootstrap):
-            filter_ = load_filter(c.filter, c.device, c.torch_dtype, c.filtering.text_max_tokens, c.sdpa)
-            self.models.append(filter_)
-            stages.append(FilterStage(filter_, c.filtering))
-        return stages
+        self.locations = resolve(config)
+        self.shards = shard_share(self.locations.shards, config.shard_index, config.num_shards)
+        self.output = OutputDirectory(self.locations.fs_out, self.locations.output_dir, self.locations.output_format)
+        self.runner = make_runner(config, self.locations, self.observer)
 
     def run(self) -> RunSummary:
-        """Process every shard not already complete in the output; the summary covers all of them."""
+        """Process every shard of this run not already complete in the output; the summary covers all of them."""
         started = time.perf_counter()
         settings = json.loads(json.dumps({"capfilt_version": __version__, **self.config.record()}))
-        self.output.lock()
+        whole_run = self.config.num_shards == 1
+        self.output.lock(None if whole_run else f"{self.config.shard_index}-of-{self.config.num_shards}")
         try:
-            self.output.prepare(settings, self.shards, self.config.overwrite)
+            self.output.prepare(settings, self.shards, self.config.overwrite, whole_run)
             self.observer.run_started(len(self.shards))
-            all_stats = []
+            done: dict[str, ShardStats] = {}
+            pending = []
             for shard in self.shards:
                 stats = self.output.completed(shard)
                 if stats is None:
-                    self.observer.shard_started(shard.name)
-                    stats = self.run_shard(shard)
-                all_stats.append(stats)
+                    pending.append(shard)
+                else:
+                    done[shard.name] = stats
+                    self.observer.shard_finished(stats)
+            for stats in self.runner.run(pending):
+                done[stats.shard] = stats
                 self.observer.shard_finished(stats)
-            summary = RunSummary.merge(all_stats, time.perf_counter() - started)
-            self.output.write_json(self.output.file(SUMMARY_FILE), summary.record())
+            summary = RunSummary.merge([done[shard.name] for shard in self.shards], time.perf_counter() - started)
+            if whole_run:  # a share of a split job leaves the run summary to `capfilt summary`
+                self.output.write_json(self.output.file(SUMMARY_FILE), summary.record())
         finally:
-            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.runner.close()
             self.output.unlock()
         return summary
 
-    def run_shard(self, shard: Shard) -> ShardStats:
-        stats = ShardStats(shard=shard.name)
-        started = time.perf_counter()
-        side_files = self.output.side_files(shard.name)
-        try:
-            layout = self.input_format.table_layout(
-                self.fs_in, shard, self.config.caption_column, self.config.image_column
-            )
-        except ShardReadError as error:  # nothing of this shard can be read: no output shard, only its stats
-            stats.error = str(error)
-            self.output.write_json(side_files["stats"], stats.record())
-            return stats
-        rejects: list[Reject] = []
-        dropped: list[Sample] = []
-        with self.output_format.open_writer(self.fs_out, self.output.path, shard.name, layout) as writer:
-            for batch in self._batches(shard, stats):
-                for stage in self.stages:
-                    batch = self._process(stage, batch, stats)
-                for sample in batch.samples:
-                    writer.write(sample)
-                stats.written += len(batch.samples)
-                stats.dropped += len(batch.dropped)
-                for reject in batch.rejects:
-                    stats.count_reject(reject.reason)
-                rejects += batch.rejects
-                dropped += batch.dropped
-                self.observer.samples_done(len(batch.samples) + len(batch.dropped) + len(batch.rejects))
-        self.output.write_jsonl(side_files["rejects"], [r.record() for r in rejects])
-        self.output.write_jsonl(side_files["dropped"], [{"key": s.key, **capfilt_fields(s)} for s in dropped])
-        stats.seconds = round(time.perf_counter() - started, 3)
-        self.output.write_json(side_files["stats"], stats.record())  # last: it marks the shard complete
-        return stats
 
-    def _process(self, stage: Stage, batch: Batch, stats: ShardStats) -> Batch:
-        """Run a stage in parts no larger than the largest that fitted in memory; when a part runs out of
-        device memory, halve it, retry, and keep the smaller size for the rest of the run."""
-        limit = self.stage_batch_limit.get(stage.name, len(batch.samples))
-        if len(batch.samples) <= limit:
-            try:
-                return stage.process(batch, stats)
-            except torch.cuda.OutOfMemoryError:
-                if len(batch.samples) <= 1:
-                    raise
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                limit = len(batch.samples) // 2
-                self.stage_batch_limit[stage.name] = limit
-                self.observer.batch_split(stage.name, limit)
-        merged = Batch([], batch.rejects, batch.dropped)
-        for start in range(0, len(batch.samples), limit):
-            part = self._process(stage, Batch(batch.samples[start : start + limit]), stats)
-            merged.samples += part.samples
-            merged.rejects += part.rejects
-            merged.dropped += part.dropped
-        return merged
-
-    def _batches(self, shard: Shard, stats: ShardStats) -> Iterator[Batch]:
-        """Batches of read and decoded samples, made in a background thread so that reading and decoding
-        (itself spread over the decode workers) overlap the models' work on the previous batch."""
-        items: queue.Queue = queue.Queue(maxsize=4)
-        stop = threading.Event()
-
-        def produce() -> None:
-            batch = Batch([])
-            try:
-                for item in self.input_format.read_shard(
-                    self.fs_in, shard, self.config.caption_column, self.config.image_column
-                ):
-                    if stop.is_set():
-                        return
-                    if isinstance(item, Reject):
-                        batch.rejects.append(item)
-                    else:
-                        if item.web_caption is not None and not item.web_caption.strip():
-                            item.web_caption = None
-                        batch.samples.append(item)
-                    if len(batch.samples) + len(batch.rejects) >= self.config.batch_size:
-                        items.put(self.decode.process(batch, stats))
-                        batch = Batch([])
-                items.put(self.decode.process(batch, stats))
-            except ShardReadError as error:  # the samples read before the break are still processed
-                items.put(self.decode.process(batch, stats))
-                items.put(error)
-            except BaseException as error:  # handed to the consumer, which decides what it means
-                items.put(error)
-            items.put(None)
-
-        thread = threading.Thread(target=produce, name=f"read-{shard.name}", daemon=True)
-        thread.start()
-        try:
-            while (item := items.get()) is not None:
-                if isinstance(item, ShardReadError):
-                    stats.error = str(item)
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    stats.read += len(item.samples) + len(item.rejects)
-                    yield item
-        finally:
-            stop.set()
-            while thread.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    items.get_nowait()
-                except queue.Empty:
-                    thread.join(timeout=0.05)
+def summarize(output: str, storage_options: dict | None = None) -> tuple[RunSummary, list[str]]:
+    """Merge the stats of every shard of the run recorded in `output` into its run summary, written beside
+    them; returns it with the names of shards not complete yet (then no summary is written). Its `seconds`
+    is the shards' own time added up, not a wall time."""
+    fs_out, output_dir = resolve_output(output, storage_options)
+    run_file = f"{output_dir}/{RUN_FILE}"
+    if not fs_out.exists(run_file):
+        raise OutputError(f"{output} holds no capfilt run ({RUN_FILE} is missing)")
+    settings = json.loads(fs_out.cat_file(run_file))
+    _, input_format, shards = resolve_input(settings["input"], settings.get("input_format"), storage_options)
+    output_format = get_format(settings.get("output_format") or input_format.name)
+    directory = OutputDirectory(fs_out, output_dir, output_format)
+    done = {shard.name: directory.completed(shard) or directory.shard_stats(shard) for shard in shards}
+    missing = [name for name, stats in done.items() if stats is None]
+    finished = [stats for stats in done.values() if stats is not None]
+    summary = RunSummary.merge(finished, sum(stats.seconds for stats in finished))
+    if not missing:
+        directory.write_json(directory.file(SUMMARY_FILE), summary.record())
+    return summary, missing
 
 
 def run(config: RunConfig, observer: Observer | None = None) -> RunSummary:

@@ -202,7 +202,7 @@ def test_every_format_in_and_out(tiny_models, tmp_path, input_format, output_for
 def test_a_crash_mid_shard_leaves_no_finished_looking_shard(tiny_models, shapes_dataset, tmp_path):
     out = tmp_path / "out"
     pipeline = Pipeline(config(Command.filter, shapes_dataset, out, tiny_models, batch_size=2))
-    filter_stage = pipeline.stages[-1]
+    filter_stage = pipeline.runner.worker.stages[-1]
     calls = {"n": 0}
     original = filter_stage.process
 

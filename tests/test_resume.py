@@ -130,7 +130,7 @@ def test_out_of_memory_splits_the_batch_and_keeps_the_smaller_size(tiny_models, 
     input = make_dataset(tmp_path / "in")
     run(bootstrap_config(input, tmp_path / "reference", tiny_models))
     pipeline = Pipeline(bootstrap_config(input, tmp_path / "out", tiny_models, batch_size=6))
-    caption_stage = pipeline.stages[0]
+    caption_stage = pipeline.runner.worker.stages[0]
     original, sizes = caption_stage.process, []
 
     def small_memory(batch, stats):
@@ -141,7 +141,7 @@ def test_out_of_memory_splits_the_batch_and_keeps_the_smaller_size(tiny_models, 
 
     caption_stage.process = small_memory
     pipeline.run()
-    assert pipeline.stage_batch_limit == {"caption": 2}
+    assert pipeline.runner.worker.stage_batch_limit == {"caption": 2}
     # One failure (the first batch), then every batch goes straight in at the smaller size.
     assert sizes[0] > 2 and max(sizes[1:]) <= 2
     assert output_files(tmp_path / "out") == output_files(tmp_path / "reference")

@@ -1,0 +1,170 @@
+"""Turns one input shard into its output shard, side files and stats: read → decode → caption → filter → write.
+
+A `ShardWorker` holds the loaded models and is reused for shard after shard; every runner (in-process, one
+process per GPU, Ray actors) drives the same worker. The shard is the unit of work: its output shard, rejects,
+dropped list and stats are all written under temporary names and moved into place when the shard is
+complete, stats last (its presence marks a finished shard). Reading and decoding of the next batch overlap
+the models' work on the current one; a model stage whose batch runs out of device memory is retried in
+halves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from fsspec import AbstractFileSystem
+
+from capfilt.background import in_background
+from capfilt.config import Command, RunConfig
+from capfilt.decode import DEFAULT_MAX_PIXELS
+from capfilt.errors import ShardReadError
+from capfilt.formats.base import Format, Shard
+from capfilt.models import load_captioner, load_filter
+from capfilt.models.base import ImageModel
+from capfilt.observer import Observer
+from capfilt.output import OutputDirectory
+from capfilt.sample import Reject, Sample
+from capfilt.schema import capfilt_fields
+from capfilt.stages import Batch, CaptionStage, DecodeStage, FilterStage, Stage
+from capfilt.stats import ShardStats
+
+
+@dataclass(frozen=True)
+class Locations:
+    """Where a run reads and writes: resolved once by the driver, handed (pickled) to every worker."""
+
+    fs_in: AbstractFileSystem
+    input_format: Format
+    shards: list[Shard]
+    fs_out: AbstractFileSystem
+    output_dir: str
+    output_format: Format
+
+
+class ShardWorker:
+    """The models and stages of a run, loaded once, and the loop that runs one shard through them."""
+
+    def __init__(self, config: RunConfig, locations: Locations, observer: Observer | None = None) -> None:
+        self.config = config
+        self.observer = observer or Observer()
+        self.fs_in, self.input_format = locations.fs_in, locations.input_format
+        self.fs_out, self.output_format = locations.fs_out, locations.output_format
+        self.output = OutputDirectory(self.fs_out, locations.output_dir, self.output_format)
+        self.executor = ThreadPoolExecutor(max_workers=max(1, config.decode_workers))
+        self.stage_batch_limit: dict[str, int] = {}
+        self.models: list[ImageModel] = []
+        self.stages = self._build_model_stages()
+        self.decode = DecodeStage(self.executor, DEFAULT_MAX_PIXELS, self.models)
+
+    def _build_model_stages(self) -> list[Stage]:
+        c = self.config
+        stages: list[Stage] = []
+        if c.command in (Command.caption, Command.bootstrap):
+            captioner = load_captioner(c.captioner, c.decoding, c.device, c.torch_dtype, c.sdpa)
+            self.models.append(captioner)
+            stages.append(CaptionStage(captioner))
+        if c.command in (Command.filter, Command.bootstrap):
+            filter_ = load_filter(c.filter, c.device, c.torch_dtype, c.filtering.text_max_tokens, c.sdpa)
+            self.models.append(filter_)
+            stages.append(FilterStage(filter_, c.filtering))
+        return stages
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def run_shard(self, shard: Shard) -> ShardStats:
+        stats = ShardStats(shard=shard.name)
+        started = time.perf_counter()
+        side_files = self.output.side_files(shard.name)
+        try:
+            layout = self.input_format.table_layout(
+                self.fs_in, shard, self.config.caption_column, self.config.image_column
+            )
+        except ShardReadError as error:  # nothing of this shard can be read: no output shard, only its stats
+            stats.error = str(error)
+            self.output.write_json(side_files["stats"], stats.record())
+            return stats
+        rejects: list[Reject] = []
+        dropped: list[Sample] = []
+        with (
+            self.output_format.open_writer(self.fs_out, self.output.path, shard.name, layout) as writer,
+            contextlib.closing(self._steps(shard, stats)) as batches,  # on any error, stops every step's thread
+        ):
+            for batch in batches:
+                for sample in batch.samples:
+                    writer.write(sample)
+                stats.written += len(batch.samples)
+                stats.dropped += len(batch.dropped)
+                for reject in batch.rejects:
+                    stats.count_reject(reject.reason)
+                rejects += batch.rejects
+                dropped += batch.dropped
+                self.observer.samples_done(len(batch.samples) + len(batch.dropped) + len(batch.rejects))
+        self.output.write_jsonl(side_files["rejects"], [r.record() for r in rejects])
+        self.output.write_jsonl(side_files["dropped"], [{"key": s.key, **capfilt_fields(s)} for s in dropped])
+        stats.seconds = round(time.perf_counter() - started, 3)
+        self.output.write_json(side_files["stats"], stats.record())  # last: it marks the shard complete
+        return stats
+
+    def _steps(self, shard: Shard, stats: ShardStats) -> Iterator[Batch]:
+        """The shard's batches through every stage: reading and each model stage in its own thread, working
+        on consecutive batches side by side (see capfilt.background)."""
+        batches = in_background(self._read(shard, stats), f"read-{shard.name}")
+        for stage in self.stages:
+            batches = in_background(self._run_stage(stage, batches, stats), f"{stage.name}-{shard.name}")
+        return batches
+
+    def _run_stage(self, stage: Stage, batches: Iterator[Batch], stats: ShardStats) -> Iterator[Batch]:
+        for batch in batches:
+            yield self._process(stage, batch, stats)
+
+    def _process(self, stage: Stage, batch: Batch, stats: ShardStats) -> Batch:
+        """Run a stage in parts no larger than the largest that fitted in memory; when a part runs out of
+        device memory, halve it, retry, and keep the smaller size for the rest of the run."""
+        limit = self.stage_batch_limit.get(stage.name, len(batch.samples))
+        if len(batch.samples) <= limit:
+            try:
+                return stage.process(batch, stats)
+            except torch.cuda.OutOfMemoryError:
+                if len(batch.samples) <= 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                limit = len(batch.samples) // 2
+                self.stage_batch_limit[stage.name] = limit
+                self.observer.batch_split(stage.name, limit)
+        merged = Batch([], batch.rejects, batch.dropped)
+        for start in range(0, len(batch.samples), limit):
+            part = self._process(stage, Batch(batch.samples[start : start + limit]), stats)
+            merged.samples += part.samples
+            merged.rejects += part.rejects
+            merged.dropped += part.dropped
+        return merged
+
+    def _read(self, shard: Shard, stats: ShardStats) -> Iterator[Batch]:
+        """Batches of read and decoded samples (decoding spread over the decode workers). When the shard
+        breaks off, the samples read before the break are still processed and the error is recorded."""
+        batch = Batch([])
+        try:
+            for item in self.input_format.read_shard(
+                self.fs_in, shard, self.config.caption_column, self.config.image_column
+            ):
+                if isinstance(item, Reject):
+                    batch.rejects.append(item)
+                else:
+                    if item.web_caption is not None and not item.web_caption.strip():
+                        item.web_caption = None
+                    batch.samples.append(item)
+                if len(batch.samples) + len(batch.rejects) >= self.config.batch_size:
+                    stats.read += len(batch.samples) + len(batch.rejects)
+                    yield self.decode.process(batch, stats)
+                    batch = Batch([])
+        except ShardReadError as error:
+            stats.error = str(error)
+        stats.read += len(batch.samples) + len(batch.rejects)
+        yield self.decode.process(batch, stats)
