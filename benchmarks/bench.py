@@ -622,7 +622,9 @@ def print_report(args: argparse.Namespace, methods: list[Method], count: int, im
     print("* capfilt reads, decodes and resizes in background threads, overlapping the models (not in its 'other';"
           " its decode includes its resize);\n  the plain loop does them inline. resize = image processor;"
           " decoding = caption stage less its vision (and the plain loop's resize);\n  ITM = filter stage less its"
-          " vision (and the plain loop's resize); other = the rest of the wall time")
+          " vision (and the plain loop's resize); other = the rest of the wall time.\n  capfilt's caption and filter"
+          " stages run side by side in threads on consecutive batches: in bootstrap its parts add up to more than\n"
+          "  its wall time ('other' < 0), and on CPU its % peak is of one thread's peak (torch threads per stage).")
     if device.type == "cpu":
         print("(b) batched loop: skipped on CPU (GPU only)")
 

@@ -70,6 +70,8 @@ class Pipeline:
                     self.observer.shard_finished(stats)
             for stats in self.runner.run(pending):
                 done[stats.shard] = stats
+                if not self.runner.reports_samples:
+                    self.observer.samples_done(stats.read)
                 self.observer.shard_finished(stats)
             summary = RunSummary.merge([done[shard.name] for shard in self.shards], time.perf_counter() - started)
             if whole_run:  # a share of a split job leaves the run summary to `capfilt summary`

@@ -18,7 +18,7 @@ from capfilt.errors import ConfigError, OutputError
 from capfilt.formats import FORMATS
 from capfilt.models import DecodingSettings
 from capfilt.observer import Observer
-from capfilt.output import OutputDirectory
+from capfilt.output import NON_OUTPUT_SETTINGS, OutputDirectory
 from capfilt.pipeline import Pipeline, run
 from tests.conftest import shape_items
 from tests.datasets import write_webdataset_shards
@@ -52,13 +52,14 @@ class ShardCounter(Observer):
 
 
 def output_files(directory: Path) -> dict[str, bytes]:
-    """Every file of an output; JSON records without timings and the run's batch size and output path."""
+    """Every file of an output; JSON records without timings, the output path and the settings that may differ
+    between runs writing the same output (batch size, devices, runner, shard share)."""
     files = {}
     for path in sorted(directory.iterdir()):
         data = path.read_bytes()
         if path.suffix == ".json":
             record = json.loads(data)
-            for field in (*TIMING_FIELDS, "batch_size", "output"):
+            for field in (*TIMING_FIELDS, *NON_OUTPUT_SETTINGS, "output"):
                 record.pop(field, None)
             data = json.dumps(record, sort_keys=True).encode()
         files[path.name] = data

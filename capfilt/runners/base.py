@@ -12,6 +12,9 @@ from capfilt.stats import ShardStats
 class Runner(ABC):
     """Runs shards through `ShardWorker`s, wherever those live."""
 
+    # Whether progress arrives sample by sample (an in-process worker); otherwise shard by shard.
+    reports_samples = False
+
     @abstractmethod
     def run(self, shards: list[Shard]) -> Iterator[ShardStats]:
         """Process every shard, yielding each one's stats as it finishes (in any order)."""

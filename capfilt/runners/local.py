@@ -13,6 +13,8 @@ from capfilt.worker import Locations, ShardWorker
 
 
 class LocalRunner(Runner):
+    reports_samples = True
+
     def __init__(self, config: RunConfig, locations: Locations, observer: Observer) -> None:
         self.observer = observer
         self.worker = ShardWorker(config, locations, observer)  # models load now: errors before any shard

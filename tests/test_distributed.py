@@ -1,0 +1,98 @@
+"""A job spread over processes, devices or shares writes what one process writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from capfilt.cli import app
+from capfilt.cli import shard_share as share_from_flags
+from capfilt.errors import ConfigError
+from capfilt.formats.base import Shard
+from capfilt.pipeline import Pipeline, run, shard_share, summarize
+from tests.test_resume import bootstrap_config, make_dataset, output_files
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 7])
+def test_shares_cover_every_shard_exactly_once(count):
+    shards = [Shard(f"/in/{i:05d}.tar", f"{i:05d}") for i in range(11)]
+    shares = [shard_share(shards, index, count) for index in range(count)]
+    assert sorted(s.name for share in shares for s in share) == [s.name for s in shards]
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_slurm_array_variables_give_the_share(monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")  # --array=1-4: the third task
+    assert share_from_flags(None, None) == (2, 4)
+    assert share_from_flags(0, 2) == (0, 2)  # flags win
+    monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
+    assert share_from_flags(None, None) == (0, 1)
+
+
+def test_share_out_of_range_is_a_config_error(tiny_models, tmp_path):
+    with pytest.raises(ConfigError, match="--shard-index"):
+        bootstrap_config(tmp_path, tmp_path / "out", tiny_models, shard_index=2, num_shards=2)
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_models, tmp_path_factory):
+    """The reference: the whole job in one process."""
+    directory = tmp_path_factory.mktemp("local")
+    input = make_dataset(directory / "in")
+    run(bootstrap_config(input, directory / "out", tiny_models))
+    return input, output_files(directory / "out")
+
+
+def test_shares_then_summary_equal_one_run(tiny_models, local_run, tmp_path):
+    input, reference = local_run
+    out = tmp_path / "out"
+    first = run(bootstrap_config(input, out, tiny_models, shard_index=1, num_shards=2))
+    assert first.shards == 2 and not (out / "capfilt_summary.json").exists()  # a share writes no run summary
+    _, missing = summarize(str(out))
+    assert missing == ["00000", "00002"] and not (out / "capfilt_summary.json").exists()
+    result = CliRunner().invoke(app, ["summary", str(out)])
+    assert result.exit_code == 2 and "not complete yet: 00000, 00002" in result.output
+
+    run(bootstrap_config(input, out, tiny_models, shard_index=0, num_shards=2))
+    result = CliRunner().invoke(app, ["summary", str(out)])
+    assert result.exit_code == 0, result.output
+    assert output_files(out) == reference
+
+
+def test_shares_run_concurrently_on_one_output(tiny_models, local_run, tmp_path):
+    """Two shares started together (a job array) do not lock each other out or clean each other's files."""
+    import threading
+
+    input, reference = local_run
+    out = tmp_path / "out"
+    pipelines = [Pipeline(bootstrap_config(input, out, tiny_models, shard_index=i, num_shards=2)) for i in range(2)]
+    errors: list[BaseException] = []
+
+    def share(pipeline: Pipeline) -> None:
+        try:
+            pipeline.run()
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=share, args=(p,)) for p in pipelines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    summary, missing = summarize(str(out))
+    assert not missing and summary.written == json.loads(reference["capfilt_summary.json"])["written"]
+    assert output_files(out) == reference
+
+
+@pytest.mark.slow
+def test_one_process_per_device_gives_the_local_output(tiny_models, local_run, tmp_path):
+    input, reference = local_run
+    out = tmp_path / "out"
+    summary = run(bootstrap_config(input, out, tiny_models, devices=("cpu", "cpu")))
+    assert summary.shards == 4
+    assert output_files(out) == reference
