@@ -3,9 +3,9 @@
 A `ShardWorker` holds the loaded models and is reused for shard after shard; every runner (in-process, one
 process per GPU, Ray actors) drives the same worker. The shard is the unit of work: its output shard, rejects,
 dropped list and stats are all written under temporary names and moved into place when the shard is
-complete, stats last (its presence marks a finished shard). Reading and decoding of the next batch overlap
-the models' work on the current one; a model stage whose batch runs out of device memory is retried in
-halves.
+complete, stats last (its presence marks a finished shard). Reading and decoding, and each model stage, run
+in their own threads on consecutive batches; a model stage whose batch runs out of device memory is retried
+in halves.
 """
 
 from __future__ import annotations
