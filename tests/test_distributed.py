@@ -96,3 +96,15 @@ def test_one_process_per_device_gives_the_local_output(tiny_models, local_run, t
     summary = run(bootstrap_config(input, out, tiny_models, devices=("cpu", "cpu")))
     assert summary.shards == 4
     assert output_files(out) == reference
+
+
+def test_cli_share_writes_its_shards_only(tiny_models, local_run, tmp_path):
+    input, _ = local_run
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "caption", str(input), str(out), "--captioner", tiny_models[0], "--max-length", "8", "--min-length", "3",
+        "--shard-index", "1", "--num-shards", "3", "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00001.tar"]
+    assert not (out / "capfilt_summary.json").exists()
