@@ -86,7 +86,7 @@ def resolve_device(device: str, dtype: str, devices: str | None) -> tuple[str, s
     return device, dtype, listed or (device,)
 
 
-def shard_share(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
+def share_of_job(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
     """This process's share of a split job: the flags, else a SLURM job array's variables, else all of it."""
     if num_shards is None and "SLURM_ARRAY_TASK_COUNT" in os.environ:
         num_shards = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
@@ -135,7 +135,7 @@ def execute(command: Command, input: str, output: str, quiet: bool, device: str,
         options = json.loads(storage_options) if storage_options else {}
         if not isinstance(options, dict):
             raise ConfigError("--storage-options must be a JSON object")
-        index, count = shard_share(shard_index, num_shards)
+        index, count = share_of_job(shard_index, num_shards)
         config = RunConfig(command=command, input=input, output=output, device=device, dtype=dtype,
                            storage_options=options, devices=listed, ray_address=ray, ray_workers=ray_workers,
                            shard_index=index, num_shards=count, **settings)

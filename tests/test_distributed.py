@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from capfilt.cli import app
-from capfilt.cli import shard_share as share_from_flags
+from capfilt.cli import share_of_job
 from capfilt.errors import ConfigError
 from capfilt.formats.base import Shard
 from capfilt.pipeline import Pipeline, run, shard_share, summarize
@@ -27,10 +27,10 @@ def test_slurm_array_variables_give_the_share(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")  # --array=1-4: the third task
-    assert share_from_flags(None, None) == (2, 4)
-    assert share_from_flags(0, 2) == (0, 2)  # flags win
+    assert share_of_job(None, None) == (2, 4)
+    assert share_of_job(0, 2) == (0, 2)  # flags win
     monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
-    assert share_from_flags(None, None) == (0, 1)
+    assert share_of_job(None, None) == (0, 1)
 
 
 def test_share_out_of_range_is_a_config_error(tiny_models, tmp_path):
