@@ -166,3 +166,34 @@ def test_filter_scores_are_bit_identical_whatever_the_batch(tiny_pair, images):
     together = filter_.score(images, captions, itm=True, itc=True)
     alone = [filter_.score([image], [texts], itm=True, itc=True)[0] for image, texts in zip(images, captions)]
     assert together == alone
+
+
+@pytest.mark.parametrize("settings", [
+    DecodingSettings(num_beams=3, num_captions=2, max_length=30, min_length=5),
+    DecodingSettings(num_captions=2, max_length=30, min_length=5, seed=2),
+], ids=["beam", "nucleus"])
+def test_images_that_finish_early_stop_computing_without_changing_captions(settings, monkeypatch):
+    """The trained demo captioner writes captions of different lengths: images whose captions are final leave
+    the decoding batch, and every caption stays what decoding the whole batch to the end gives."""
+    import random
+    from pathlib import Path
+
+    from capfilt.models.blip_decoding import BlipDecoder
+
+    rng = random.Random(3)
+    pictures = [shapes.render(shapes.random_scene(rng), 96) for _ in range(24)]
+    keys = [str(i) for i in range(len(pictures))]
+    demo = Path(__file__).parent.parent / "models" / "demo" / "captioner"
+    captioner = load_captioner(str(demo), settings, "cpu", torch.float32)
+    retire = BlipDecoder._retire
+    active_sizes: list[int] = []
+
+    def counting_retire(self, done):
+        retire(self, done)
+        active_sizes.append(self.active.shape[0])
+
+    monkeypatch.setattr(BlipDecoder, "_retire", counting_retire)
+    early = captioner.caption(pictures, keys)
+    assert min(active_sizes) < len(pictures)  # some images did stop early
+    monkeypatch.setattr(BlipDecoder, "_retire", lambda self, done: None)
+    assert early == captioner.caption(pictures, keys)

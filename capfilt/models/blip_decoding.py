@@ -6,6 +6,8 @@ steps BLIP's text decoder directly, with the library's own layers and weights:
 - the prompt is run once per image, not once per beam or sampled caption;
 - the image's cross-attention keys and values are projected once per image, and beams attend to them
   together (no copies per beam, none at each beam reorder);
+- an image whose captions are final (all its sampled rows ended, or no beam can beat its finished ones)
+  leaves the batch: the model runs only on the images still decoding;
 - beam search keeps `generate()`'s semantics by calling the library's own beam-search steps
   (`_get_top_k_continuations`, `_update_finished_beams`, ...) on the same scores, with the same logits
   processors (minimum length, repetition penalty).
@@ -64,6 +66,9 @@ class BlipDecoder:
             self.image_keys.append((key.contiguous(), value.contiguous()))
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.rows_per_image = rows_per_image
+        self.images = image_embeds.shape[0]
+        self.active = torch.arange(self.images, device=image_embeds.device)  # images still decoding
         logits = self._forward(prompt_ids.expand(image_embeds.shape[0], -1), prompt=True)
         self.keys = [k.repeat_interleave(rows_per_image, dim=0) for k in self.keys]
         self.values = [v.repeat_interleave(rows_per_image, dim=0) for v in self.values]
@@ -104,9 +109,42 @@ class BlipDecoder:
         crossed = layer.crossattention.output(merge_heads(context), attended)
         return layer.output(layer.intermediate(crossed), crossed)
 
-    def _reorder(self, rows: torch.Tensor) -> None:
+    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits after `tokens` (every row's next token) for every row; only the rows of images still
+        decoding are computed, the others get zeros (their outcome is already fixed)."""
+        rows = self._rows(self.active)
+        logits = self._forward(tokens[rows][:, None])
+        if rows.shape[0] == tokens.shape[0]:
+            return logits
+        return logits.new_zeros(tokens.shape[0], logits.shape[1]).index_copy_(0, rows, logits)
+
+    def _rows(self, images: torch.Tensor) -> torch.Tensor:
+        group = self.rows_per_image
+        return (images[:, None] * group + torch.arange(group, device=images.device)).reshape(-1)
+
+    def _retire(self, done: torch.Tensor) -> None:
+        """Stop computing the images marked in `done` (one flag per image of the batch), once enough of them
+        have finished to be worth copying the caches of the others."""
+        keep = (~done[self.active]).nonzero().reshape(-1)  # positions within the active images
+        retiring = self.active.shape[0] - keep.shape[0]
+        if retiring == 0 or (keep.shape[0] and retiring < max(1, self.active.shape[0] // 8)):
+            return
+        rows = self._rows(keep)
         self.keys = [k.index_select(0, rows) for k in self.keys]
         self.values = [v.index_select(0, rows) for v in self.values]
+        self.image_keys = [(k.index_select(0, keep), v.index_select(0, keep)) for k, v in self.image_keys]
+        self.active = self.active[keep]
+
+    def _reorder(self, beam_rows: torch.Tensor) -> None:
+        """Give each active row the cache of the row it continues (`beam_rows`: a source row for every row
+        of the batch; beams only move within their image)."""
+        group = self.rows_per_image
+        sources = beam_rows[self._rows(self.active)]
+        position = torch.zeros(self.images, dtype=torch.long, device=beam_rows.device)  # image -> its cache slot
+        position[self.active] = torch.arange(self.active.shape[0], device=beam_rows.device)
+        cache_rows = position[sources // group] * group + sources % group
+        self.keys = [k.index_select(0, cache_rows) for k in self.keys]
+        self.values = [v.index_select(0, cache_rows) for v in self.values]
 
     def _processors(self, min_length: int, repetition_penalty: float, device: torch.device) -> LogitsProcessorList:
         """What generate() would apply before any sampling warpers, in its order."""
@@ -136,7 +174,8 @@ class BlipDecoder:
             unfinished &= tokens != self.eos
             if sequences.shape[1] >= max_length or not unfinished.any():
                 return sequences
-            logits = self._forward(tokens[:, None])
+            self._retire(~unfinished.view(-1, rows_per_image).any(dim=1))
+            logits = self._step(tokens)
 
     @torch.inference_mode()
     def beam_search(self, image_embeds: torch.Tensor, prompt_ids: torch.Tensor, num_beams: int, num_sequences: int,
@@ -192,8 +231,9 @@ class BlipDecoder:
                 decoder_prompt_len=prompt_len, early_stopping=early_stopping, length_penalty=length_penalty)
             if not d._beam_search_has_unfinished_sequences(improvable, is_sent_finished, hits_stop, early_stopping):
                 break
-            last_tokens = running_sequences[:, :, cur_len - 1].reshape(-1, 1)
-            logits = self._forward(last_tokens)
+            # An image that can no longer improve on its finished captions keeps them whatever comes next.
+            self._retire(~improvable[:, 0])
+            logits = self._step(running_sequences[:, :, cur_len - 1].reshape(-1))
         best = sequences[:, :num_sequences].reshape(batch * num_sequences, -1)
         generated = (beam_indices[:, :num_sequences].reshape(batch * num_sequences, -1) + 1).bool().sum(dim=1).max()
         return best[:, : prompt_len + generated]
