@@ -7,8 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from capfilt.cli import app
-from capfilt.cli import share_of_job
+from capfilt.cli import app, share_of_job
 from capfilt.errors import ConfigError
 from capfilt.formats.base import Shard
 from capfilt.pipeline import Pipeline, run, shard_share, summarize
