@@ -112,7 +112,8 @@ class OutputDirectory:
         stats = self.shard_stats(shard)
         if stats is None or stats.error:
             return None
-        if not all(self.fs.exists(p) for p in self.format.output_paths(self.path, shard.name)):
+        # A shard that wrote nothing may leave no output: an object store holds no empty folder.
+        if stats.written and not all(self.fs.exists(p) for p in self.format.output_paths(self.path, shard.name)):
             return None
         return stats
 

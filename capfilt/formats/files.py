@@ -16,6 +16,7 @@ import posixpath
 from collections.abc import Iterator
 
 from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 from capfilt.errors import ShardReadError
 from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout
@@ -112,8 +113,9 @@ def _subdirectories(fs: AbstractFileSystem, directory: str) -> list[str]:
 class DirectoryShardWriter(ShardWriter):
     """Writes the sample files into `NAME.tmp/` and renames the folder to `NAME/` on commit.
 
-    A committed folder of the same name (an earlier run's) is removed first; that swap is not atomic, but a
-    folder that exists under its final name is always complete.
+    A committed folder of the same name (an earlier run's) is removed first; that swap is not atomic, but on a
+    local disk a folder that exists under its final name is always complete. Object stores have no folders to
+    rename: there the files are moved one by one (the shard's stats, written after, still mark it complete).
     """
 
     def __init__(self, fs: AbstractFileSystem, path: str) -> None:
@@ -131,7 +133,15 @@ class DirectoryShardWriter(ShardWriter):
     def commit(self) -> None:
         if self._fs.exists(self._path):
             self._fs.rm(self._path, recursive=True)
-        self._fs.mv(self._tmp, self._path, recursive=True)
+        if isinstance(self._fs, LocalFileSystem):
+            self._fs.mv(self._tmp, self._path, recursive=True)
+            return
+        # Elsewhere file by file: fsspec's recursive move also copies an object store's pseudo-folders, and fails.
+        sources = self._fs.find(self._tmp)
+        self._fs.makedirs(self._path, exist_ok=True)  # where folders are real, an empty shard is an empty folder
+        self._fs.mv(sources, [self._path + source[len(self._tmp) :] for source in sources])
+        if self._fs.exists(self._tmp):  # the emptied folders, where folders are real
+            self._fs.rm(self._tmp, recursive=True)
 
     def abort(self) -> None:
         if self._fs.exists(self._tmp):
