@@ -215,3 +215,14 @@ def test_sigint_stops_cleanly_and_the_rerun_finishes(tiny_models, tmp_path):
     rerun = capfilt_process(input, out, tiny_models, batch_size=2)
     assert rerun.wait(timeout=300) == 0
     assert json.loads((out / "capfilt_summary.json").read_text())["read"] == 24
+
+
+def test_a_moved_output_folder_still_resumes(tiny_models, tmp_path):
+    input, out = make_dataset(tmp_path / "in"), tmp_path / "out"
+    run(bootstrap_config(input, out, tiny_models))
+    reference = output_files(out)
+    moved = out.rename(tmp_path / "moved")
+    (moved / "00001_stats.json").unlink()
+    counter = ShardCounter()
+    Pipeline(bootstrap_config(input, moved, tiny_models), counter).run()
+    assert counter.started == ["00001"] and output_files(moved) == reference
