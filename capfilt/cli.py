@@ -59,7 +59,9 @@ Devices = Annotated[
     str | None, typer.Option("--devices", help="One worker process per device: all (every GPU), 0,1 or cuda:0,cuda:1.")
 ]
 Ray = Annotated[str | None, typer.Option("--ray", help="Run on a Ray cluster: its address, or auto.")]
-RayWorkers = Annotated[int | None, typer.Option("--ray-workers", help="Ray actors [default: one per cluster GPU].")]
+RayWorkers = Annotated[
+    int | None, typer.Option("--ray-workers", help="Ray actors [default: one per cluster GPU, or CPU core on CPU].")
+]
 ShardIndex = Annotated[
     int | None, typer.Option("--shard-index", help="This process's share of a split job [$SLURM_ARRAY_TASK_ID].")
 ]

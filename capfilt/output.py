@@ -85,9 +85,12 @@ class OutputDirectory:
                     f"{self.path} holds the output of a run with other settings ({'; '.join(changed)}); "
                     "rerun with the same settings to resume, pass --overwrite to start again, or use another output"
                 )
+        self.remove_temporaries(shards, whole_run)
+        self.write_json(run_file, settings)
+
+    def remove_temporaries(self, shards: list[Shard], whole_run: bool = False) -> None:
         for leftover in self._temporaries(shards, whole_run):
             self.fs.rm(leftover, recursive=True)
-        self.write_json(run_file, settings)
 
     def _temporaries(self, shards: list[Shard], whole_run: bool) -> list[str]:
         """What killed runs left unfinished of `shards` (other shares of a split job may be writing theirs)."""

@@ -80,6 +80,8 @@ class ShardWorker:
     def run_shard(self, shard: Shard) -> ShardStats:
         stats = ShardStats(shard=shard.name)
         started = time.perf_counter()
+        # What an attempt killed mid-shard left (a Ray retry runs right after it, before any run's cleanup).
+        self.output.remove_temporaries([shard])
         side_files = self.output.side_files(shard.name)
         try:
             layout = self.input_format.table_layout(
