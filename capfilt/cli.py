@@ -160,7 +160,11 @@ def execute(command: Command, input: str, output: str, quiet: bool, device: str,
     except KeyboardInterrupt:
         print("capfilt: interrupted; the shard in progress was abandoned, finished shards are kept. "
               "Rerun the same command to resume.", file=sys.stderr)
-        raise typer.Exit(code=130)
+        # Everything is cleaned up by now (temporaries, lock); exit without the interpreter's teardown, which
+        # with model threads and thread pools just stopped can abort the process instead of exiting with 130.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     console.print(summary_table(summary))
     if summary.failed_shards:
         _fail(f"{len(summary.failed_shards)} shard(s) failed: {', '.join(summary.failed_shards)} (see the summary)")
