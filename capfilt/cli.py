@@ -147,9 +147,9 @@ def execute(command: Command, input: str, output: str, quiet: bool, device: str,
 
         transformers_logging.disable_progress_bar()  # our own progress bar is the one to watch
 
-        pipeline = Pipeline(config)
-        with RichProgress(console) as progress:
-            pipeline.observer = progress
+        progress = RichProgress(console)
+        pipeline = Pipeline(config, progress)  # loads the models; the bar starts after
+        with progress:
             summary = pipeline.run()
     except json.JSONDecodeError as error:
         _fail(f"--storage-options is not valid JSON: {error}")

@@ -34,6 +34,7 @@ def test_bootstrap_runs_as_a_real_process(tiny_models, shapes_dataset, tmp_path)
     )
     assert result.returncode == 0, result.stderr
     assert "capfilt summary" in result.stderr and "written" in result.stderr
+    assert re.search(r"samples\D*20/", result.stderr), result.stderr  # the progress bar counted every sample
     summary = json.loads((out / "capfilt_summary.json").read_text())
     assert summary["read"] == summary["written"] == 20
     assert summary["synthetic_captions_added"] == 20
