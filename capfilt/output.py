@@ -13,14 +13,13 @@ import contextlib
 import fcntl
 import json
 import os
-import uuid
 from typing import IO, Any
 
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from capfilt.errors import ConfigError, OutputError
-from capfilt.formats.base import Format, Shard
+from capfilt.formats.base import Format, Shard, temporary_path
 from capfilt.stats import ShardStats
 
 RUN_FILE = "capfilt_run.json"
@@ -137,7 +136,7 @@ class OutputDirectory:
     def write_text(self, path: str, text: str) -> None:
         """Write under a temporary name and rename, so a reader never sees half a file. The name is unique to
         this writer: the shares of a split job may write the same run file at once."""
-        temporary = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+        temporary = temporary_path(path)
         with self.fs.open(temporary, "w", encoding="utf-8") as handle:
             handle.write(text)
         self.fs.mv(temporary, path)

@@ -238,6 +238,23 @@ def test_abort_and_errors_leave_no_files(tmp_path: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["webdataset", "parquet", "files"])
+def test_two_attempts_at_one_shard_never_share_a_temporary(tmp_path: Path, name: str) -> None:
+    """A retried shard beside an attempt that still runs (a Ray node thought lost): each writes its own
+    temporary, and whichever commits last leaves a whole shard."""
+    fmt = FORMATS[name]
+    samples = scored_samples()
+    first, second = fmt.open_writer(FS, str(tmp_path), "00000"), fmt.open_writer(FS, str(tmp_path), "00000")
+    for sample in samples:  # interleaved, as two processes would
+        first.write(sample)
+        second.write(sample)
+    first.commit()
+    second.commit()
+    [final] = fmt.output_paths(str(tmp_path), "00000")
+    assert [p.name for p in tmp_path.iterdir()] == [Path(final).name]
+    assert [s.key for s in read(fmt, final)] == [s.key for s in samples]
+
+
+@pytest.mark.parametrize("name", ["webdataset", "parquet", "files"])
 def test_empty_shard_is_written_and_reads_back_empty(tmp_path: Path, name: str) -> None:
     write(FORMATS[name], tmp_path, "00003", [])
     [final] = FORMATS[name].output_paths(str(tmp_path), "00003")

@@ -78,7 +78,7 @@ def test_actor_killed_mid_shard_is_restarted_and_the_shard_rerun(cluster, tiny_m
     killed_mid_shard = False
     deadline = time.monotonic() + 120
     while runner.is_alive() and time.monotonic() < deadline:
-        if (out / "00001.tar.tmp").exists():  # shard 00000 is done, 00001 half written
+        if any(out.glob("00001.tar.*.tmp")):  # shard 00000 is done, 00001 half written
             killed_mid_shard = not (out / "00001_stats.json").exists()
             os.kill(pid, signal.SIGKILL)
             break

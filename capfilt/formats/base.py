@@ -6,6 +6,7 @@ of work: one input shard gives one output shard of the same name.
 
 from __future__ import annotations
 
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -45,6 +46,12 @@ class TableLayout:
 
 
 _Writer = TypeVar("_Writer", bound="ShardWriter")
+
+
+def temporary_path(path: str) -> str:
+    """Where to write `path` before moving it into place: unique to this writer, so that two attempts at one
+    shard (a retry beside a lost node that still runs, two runs by mistake) never write the same file."""
+    return f"{path}.{uuid.uuid4().hex[:12]}.tmp"
 
 
 class ShardWriter(ABC):

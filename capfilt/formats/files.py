@@ -19,7 +19,7 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from capfilt.errors import ShardReadError
-from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout
+from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, temporary_path
 from capfilt.formats.webdataset import IMAGE_EXTS, list_files, sample_from_members, sample_members
 from capfilt.sample import Reject, Sample
 
@@ -111,7 +111,7 @@ def _subdirectories(fs: AbstractFileSystem, directory: str) -> list[str]:
 
 
 class DirectoryShardWriter(ShardWriter):
-    """Writes the sample files into `NAME.tmp/` and renames the folder to `NAME/` on commit.
+    """Writes the sample files into `NAME.<unique>.tmp/` and renames the folder to `NAME/` on commit.
 
     A committed folder of the same name (an earlier run's) is removed first; that swap is not atomic, but on a
     local disk a folder that exists under its final name is always complete. Object stores have no folders to
@@ -119,9 +119,7 @@ class DirectoryShardWriter(ShardWriter):
     """
 
     def __init__(self, fs: AbstractFileSystem, path: str) -> None:
-        self._fs, self._path, self._tmp = fs, path, path + ".tmp"
-        if fs.exists(self._tmp):
-            fs.rm(self._tmp, recursive=True)
+        self._fs, self._path, self._tmp = fs, path, temporary_path(path)
         fs.makedirs(self._tmp, exist_ok=True)
 
     def write(self, sample: Sample) -> None:

@@ -33,7 +33,7 @@ from fsspec import AbstractFileSystem
 
 from capfilt.decode import sniff_image_ext
 from capfilt.errors import ShardReadError
-from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, restore_fields
+from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, restore_fields, temporary_path
 from capfilt.formats.webdataset import IMAGE_EXTS, json_bytes, list_named
 from capfilt.sample import Reject, Sample
 from capfilt.schema import ARROW_FIELDS, arrow_fields, primary_caption
@@ -211,14 +211,14 @@ def _image_ext(data: bytes, column: str, fields: dict[str, Any] | None) -> str:
 
 
 class ParquetShardWriter(ShardWriter):
-    """Buffers rows and writes them as row groups of `NAME.parquet.tmp`, renamed to `NAME.parquet` on commit.
+    """Buffers rows and writes them as row groups of `NAME.parquet.<unique>.tmp`, renamed to `NAME.parquet` on commit.
 
     The schema is fixed when the first sample arrives (its image type names the image column when there is no
     input layout), so the file is created then, or at commit for an empty shard.
     """
 
     def __init__(self, fs: AbstractFileSystem, path: str, layout: TableLayout | None) -> None:
-        self._fs, self._path, self._tmp = fs, path, path + ".tmp"
+        self._fs, self._path, self._tmp = fs, path, temporary_path(path)
         self._input_layout = layout
         self._layout: TableLayout | None = None
         self._file: Any = None

@@ -23,7 +23,7 @@ from typing import Any
 from fsspec import AbstractFileSystem
 
 from capfilt.errors import ShardReadError
-from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, restore_fields
+from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, restore_fields, temporary_path
 from capfilt.sample import Reject, Sample
 from capfilt.schema import capfilt_fields, primary_caption
 
@@ -170,13 +170,13 @@ class WebDatasetFormat(Format):
 
 
 class TarShardWriter(ShardWriter):
-    """Writes `NAME.tar.tmp` member by member and renames it to `NAME.tar` on commit.
+    """Writes `NAME.tar.<unique>.tmp` member by member and renames it to `NAME.tar` on commit.
 
     Members carry fixed metadata (mtime 0, mode 0644, no owner), so the same samples give the same bytes.
     """
 
     def __init__(self, fs: AbstractFileSystem, path: str) -> None:
-        self._fs, self._path, self._tmp = fs, path, path + ".tmp"
+        self._fs, self._path, self._tmp = fs, path, temporary_path(path)
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         self._file = fs.open(self._tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115
