@@ -86,6 +86,11 @@ class RunConfig:
             raise ConfigError(f"--shard-index must be in 0..{self.num_shards - 1} (of --num-shards {self.num_shards})")
         if self.ray_workers is not None and self.ray_workers < 1:
             raise ConfigError("--ray-workers must be at least 1")
+        for device in (self.device, *self.devices):
+            try:
+                torch.device(device)
+            except RuntimeError:
+                raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:1 ... (or a list for --devices)")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown --dtype {self.dtype}; choose one of {', '.join(DTYPES)}")
         if self.device == "cpu" and DTYPES[self.dtype] == torch.float16:

@@ -38,3 +38,7 @@ class ModelLoadError(CapfiltError):
 
 class ConfigError(CapfiltError):
     """Settings that contradict each other or are out of range."""
+
+
+class RunError(CapfiltError):
+    """A run stopped by a failure outside any one shard (a worker process died)."""

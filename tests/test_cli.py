@@ -57,6 +57,11 @@ def test_bootstrap_runs_as_a_real_process(tiny_models, shapes_dataset, tmp_path)
         (["filter", "IN", "OUT", "--output-format", "csv", "--filter", "FILTER"], "unknown format 'csv'"),
         (["filter", "IN", "OUT", "--input-format", "zip", "--filter", "FILTER"], "unknown format 'zip'"),
         (["filter", "IN", "IN", "--filter", "FILTER"], "output"),
+        (["filter", "IN", "OUT", "--filter", "FILTER", "--device", "gpu0"], "unknown device 'gpu0'"),
+        (["filter", "IN", "OUT", "--filter", "FILTER", "--devices", "cpu,tpu9"], "unknown device 'tpu9'"),
+        (["filter", "IN", "OUT", "--filter", "FILTER", "--device", "cuda:99"], "cuda:99"),
+        (["filter", "IN", "OUT", "--filter", "/no/such/model", "--devices", "cpu,cpu"], "not a directory"),
+        (["filter", "IN", "OUT", "--filter", "FILTER", "--shard-index", "3", "--num-shards", "2"], "--shard-index"),
     ],
 )
 def test_user_errors_are_one_clear_line(tiny_models, shapes_dataset, tmp_path, args, expected):

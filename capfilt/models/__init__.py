@@ -13,7 +13,7 @@ from capfilt.models.loading import load_pretrained
 CAPTIONERS: dict[str, type[Captioner]] = {"blip": BlipCaptioner}
 FILTERS: dict[str, type[Filter]] = {"blip": BlipFilter}
 
-__all__ = ["CaptionScores", "Captioner", "DecodingSettings", "Filter", "load_captioner", "load_filter"]
+__all__ = ["CaptionScores", "Captioner", "DecodingSettings", "Filter", "check_models", "load_captioner", "load_filter"]
 
 
 def model_family(model_id: str, role: str, families: dict) -> str:
@@ -35,3 +35,12 @@ def load_captioner(
 def load_filter(model_id: str, device: str, dtype: torch.dtype, text_max_tokens: int, sdpa: bool = True) -> Filter:
     family = model_family(model_id, "filter", FILTERS)
     return FILTERS[family](model_id, device, dtype, text_max_tokens, sdpa=sdpa)
+
+
+def check_models(captioner: str | None, filter_: str | None) -> None:
+    """That the models exist and are of a supported family (their configs only), for a process that will
+    not load them itself but hand them to workers."""
+    if captioner:
+        model_family(captioner, "captioner", CAPTIONERS)
+    if filter_:
+        model_family(filter_, "filter", FILTERS)

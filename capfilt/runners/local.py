@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from capfilt.config import RunConfig
 from capfilt.formats.base import Shard
 from capfilt.observer import Observer
-from capfilt.runners.base import Runner
+from capfilt.runners.base import Runner, check_visible
 from capfilt.stats import ShardStats
 from capfilt.worker import Locations, ShardWorker
 
@@ -16,6 +16,7 @@ class LocalRunner(Runner):
     reports_samples = True
 
     def __init__(self, config: RunConfig, locations: Locations, observer: Observer) -> None:
+        check_visible((config.device,))
         self.observer = observer
         self.worker = ShardWorker(config, locations, observer)  # models load now: errors before any shard
 

@@ -11,10 +11,13 @@ import dataclasses
 import multiprocessing
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 
 from capfilt.config import RunConfig
 from capfilt.formats.base import Shard
-from capfilt.runners.base import Runner
+from capfilt.errors import RunError
+from capfilt.models import check_models
+from capfilt.runners.base import Runner, check_visible
 from capfilt.stats import ShardStats
 from capfilt.worker import Locations, ShardWorker
 
@@ -33,6 +36,8 @@ def _run_shard(shard: Shard) -> ShardStats:
 
 class DeviceRunner(Runner):
     def __init__(self, config: RunConfig, locations: Locations) -> None:
+        check_visible(config.devices)
+        check_models(config.captioner, config.filter)  # in one line here, not in a worker's traceback
         context = multiprocessing.get_context("spawn")
         devices = context.Queue()
         for device in config.devices:
@@ -44,8 +49,12 @@ class DeviceRunner(Runner):
 
     def run(self, shards: list[Shard]) -> Iterator[ShardStats]:
         futures = [self.pool.submit(_run_shard, shard) for shard in shards]
-        for future in as_completed(futures):
-            yield future.result()
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BrokenProcessPool:  # its own traceback went to stderr already; finished shards are kept
+            raise RunError("a device process died (it could not load the models, or crashed); "
+                           "rerun to resume, or with one --device to see the error in full") from None
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
