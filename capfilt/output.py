@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import json
 import os
 from typing import IO, Any
@@ -88,16 +89,25 @@ class OutputDirectory:
         self.write_json(run_file, settings)
 
     def remove_temporaries(self, shards: list[Shard], whole_run: bool = False) -> None:
-        for leftover in self._temporaries(shards, whole_run):
-            self.fs.rm(leftover, recursive=True)
-
-    def _temporaries(self, shards: list[Shard], whole_run: bool) -> list[str]:
-        """What killed runs left unfinished of `shards` (other shares of a split job may be writing theirs)."""
+        """Remove what killed runs left unfinished of `shards`, and of the run files for a `whole_run` (other
+        shares of a split job may be writing theirs). One listing of the folder, however many shards: on an
+        object store each listing is a request."""
         patterns = [self.file(f"{RUN_FILE}.*.tmp"), self.file(f"{SUMMARY_FILE}.*.tmp")] if whole_run else []
         for shard in shards:
-            for path in self.format.output_paths(self.path, shard.name) + list(self.side_files(shard.name).values()):
-                patterns += [f"{path}.tmp", f"{path}.*.tmp"]
-        return [leftover for pattern in patterns for leftover in self.fs.glob(pattern)]
+            patterns += self._shard_temporaries(shard)
+        for leftover in self.fs.glob(self.file("*.tmp")):
+            if any(fnmatch.fnmatchcase(leftover, pattern) for pattern in patterns):
+                self.fs.rm(leftover, recursive=True)
+
+    def remove_shard_temporaries(self, shard: Shard) -> None:
+        """Remove what an earlier attempt at `shard` left (a Ray attempt killed mid-shard, just before this one)."""
+        for pattern in self._shard_temporaries(shard):
+            for leftover in self.fs.glob(pattern):
+                self.fs.rm(leftover, recursive=True)
+
+    def _shard_temporaries(self, shard: Shard) -> list[str]:
+        paths = self.format.output_paths(self.path, shard.name) + list(self.side_files(shard.name).values())
+        return [pattern for path in paths for pattern in (f"{path}.tmp", f"{path}.*.tmp")]
 
     def shard_stats(self, shard: Shard) -> ShardStats | None:
         """The stats a run wrote for `shard` (complete, or failed with an error), or None."""

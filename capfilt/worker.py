@@ -81,7 +81,7 @@ class ShardWorker:
         stats = ShardStats(shard=shard.name)
         started = time.perf_counter()
         # What an attempt killed mid-shard left (a Ray retry runs right after it, before any run's cleanup).
-        self.output.remove_temporaries([shard])
+        self.output.remove_shard_temporaries(shard)
         side_files = self.output.side_files(shard.name)
         try:
             layout = self.input_format.table_layout(

@@ -14,8 +14,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 
 from capfilt.config import RunConfig
-from capfilt.formats.base import Shard
 from capfilt.errors import RunError
+from capfilt.formats.base import Shard
 from capfilt.models import check_models
 from capfilt.runners.base import Runner, check_visible
 from capfilt.stats import ShardStats
