@@ -28,7 +28,7 @@ from capfilt.models import load_captioner, load_filter
 from capfilt.models.base import ImageModel
 from capfilt.observer import Observer
 from capfilt.output import OutputDirectory
-from capfilt.sample import Reject, Sample
+from capfilt.sample import Reject
 from capfilt.schema import capfilt_fields
 from capfilt.stages import Batch, CaptionStage, DecodeStage, FilterStage, Stage
 from capfilt.stats import ShardStats
@@ -92,7 +92,7 @@ class ShardWorker:
             self.output.write_json(side_files["stats"], stats.record())
             return stats
         rejects: list[Reject] = []
-        dropped: list[Sample] = []
+        dropped: list[dict] = []  # records, not samples: a sample holds its images' tensors
         with (
             self.output_format.open_writer(self.fs_out, self.output.path, shard.name, layout) as writer,
             contextlib.closing(self._steps(shard, stats)) as batches,  # on any error, stops every step's thread
@@ -105,10 +105,10 @@ class ShardWorker:
                 for reject in batch.rejects:
                     stats.count_reject(reject.reason)
                 rejects += batch.rejects
-                dropped += batch.dropped
+                dropped += [{"key": s.key, **capfilt_fields(s)} for s in batch.dropped]
                 self.observer.samples_done(len(batch.samples) + len(batch.dropped) + len(batch.rejects))
         self.output.write_jsonl(side_files["rejects"], [r.record() for r in rejects])
-        self.output.write_jsonl(side_files["dropped"], [{"key": s.key, **capfilt_fields(s)} for s in dropped])
+        self.output.write_jsonl(side_files["dropped"], dropped)
         stats.seconds = round(time.perf_counter() - started, 3)
         self.output.write_json(side_files["stats"], stats.record())  # last: it marks the shard complete
         return stats
