@@ -28,7 +28,7 @@ from transformers import (
 
 from capfilt.models.base import Captioner, CaptionScores, DecodingSettings, Filter, ImageModel
 from capfilt.models.blip_decoding import BlipDecoder
-from capfilt.models.fast_attention import PairImageCache, use_sdpa
+from capfilt.models.fast_attention import PairImageCache, cache_argument, use_sdpa
 from capfilt.models.loading import load_pretrained
 from capfilt.models.preprocess import Preprocess, fast_preprocess, processor_preprocess
 from capfilt.models.sampling import KeyedGumbelNoise, sample_seed
@@ -241,9 +241,8 @@ class BlipFilter(BlipImageInput, Filter):
         cross-attention keys and values are projected once for all of its captions."""
         if image_keys is not None:
             image_keys.pair_images = images
-            hidden = self.model.text_encoder(
-                **tokens, encoder_hidden_states=image_embeds, past_key_values=image_keys
-            ).last_hidden_state
+            cache = {cache_argument(self.model.text_encoder): image_keys}
+            hidden = self.model.text_encoder(**tokens, encoder_hidden_states=image_embeds, **cache).last_hidden_state
         else:
             pair_embeds = image_embeds[images]
             image_atts = torch.ones(pair_embeds.shape[:-1], dtype=torch.long, device=self.device)

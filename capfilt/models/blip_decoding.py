@@ -77,7 +77,9 @@ class BlipDecoder:
     def _forward(self, tokens: torch.Tensor, prompt: bool = False) -> torch.Tensor:
         """Next-token logits (float32) after `tokens` (rows, new tokens), appending their keys to the cache."""
         past = self.keys[0].shape[2] if self.keys else 0
-        hidden = self.decoder.bert.embeddings(input_ids=tokens, past_key_values_length=past)
+        # Positions passed explicitly: a public argument, where the cache-length keyword is private and renamed.
+        positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)[None, :]
+        hidden = self.decoder.bert.embeddings(input_ids=tokens, position_ids=positions)
         for index, layer in enumerate(self.layers):
             hidden = self._layer(layer, index, hidden, prompt)
         return self.decoder.cls(hidden[:, -1:, :])[:, -1, :].float()

@@ -13,6 +13,7 @@ projects the image tokens to keys and values once per image-caption pair; with t
 
 from __future__ import annotations
 
+import inspect
 import math
 import types
 
@@ -77,9 +78,12 @@ def text_attention(
     encoder_hidden_states: torch.Tensor | None = None,
     encoder_attention_mask: torch.Tensor | None = None,
     past_key_values=None,
+    cache=None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """BlipTextSelfAttention.forward with the same cache handling, attention through SDPA."""
+    """BlipTextSelfAttention.forward with the same cache handling, attention through SDPA. The cache comes as
+    `past_key_values` (transformers < 5.24) or `cache` (5.24 on)."""
+    past_key_values = cache if cache is not None else past_key_values
     scale = 1 / math.sqrt(self.attention_head_size)
     query = heads(self, self.query, hidden_states)
     cross = encoder_hidden_states is not None
@@ -107,6 +111,12 @@ def text_attention(
         context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
     context = context.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.all_head_size)
     return context, None
+
+
+def cache_argument(module: nn.Module) -> str:
+    """The name under which `module.forward` takes its cache: `cache` from transformers 5.24 on, before that
+    `past_key_values` (public arguments, read from the signature rather than assumed)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def use_sdpa(model: nn.Module) -> nn.Module:
