@@ -1,7 +1,9 @@
 """Named model presets: a captioner, a filter and their defaults, one TOML file each in `models/`.
 
-`--preset blip-large` reads `models/blip-large.toml`; `--preset path/to/file.toml` reads that file. Model
-paths inside a preset that name an existing directory relative to the file are resolved against it.
+`models/` is installed as the package `capfilt.presets_data` (see pyproject.toml), so that an installed wheel
+has the presets and the demo models they name. `--preset blip-large` reads its `blip-large.toml`;
+`--preset path/to/file.toml` reads that file. Model paths inside a preset that name an existing directory
+relative to the file are resolved against it.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ from pathlib import Path
 
 import tomllib
 
+from capfilt import presets_data
 from capfilt.errors import ConfigError
 
 DEFAULT_PRESET = "blip-large"
 
 
 def presets_dir() -> Path:
-    return Path(os.environ.get("CAPFILT_PRESETS_DIR", Path(__file__).resolve().parent.parent / "models"))
+    """$CAPFILT_PRESETS_DIR, else the installed presets. A folder on disk, not a Traversable: the demo models in
+    it are loaded by path."""
+    override = os.environ.get("CAPFILT_PRESETS_DIR")
+    return Path(override) if override else Path(presets_data.__file__).parent
 
 
 @dataclass(frozen=True)
