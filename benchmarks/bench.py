@@ -10,6 +10,10 @@ a beam-search caption primed with "a picture of ", ITM of that caption (three vi
 and `bootstrap` through `Pipeline` on a webdataset shard of the same images. Each is timed on N and on M images
 and costs (t_M - t_N) / (M - N) per image, so loading models and other start-up cancel out.
 
+Threads: by default each method runs as a user runs it, the plain loop with torch's default thread count and
+capfilt with its own default (on CPU, the cores split between its model stages); `--threads T` gives the plain
+loop T torch threads and each of capfilt's model stages T.
+
 Exits 1 when capfilt ran in fp32 and its beam captions differ from the plain loop's or an ITM score differs
 from the plain loop's by more than 1e-4 (in bf16/fp16 agreement is reported, not checked).
 """
@@ -54,6 +58,7 @@ from capfilt.demo import shapes, tiny_blip
 from capfilt.models import DecodingSettings
 from capfilt.pipeline import Pipeline
 from capfilt.sample import Sample
+from capfilt.threads import model_stage_threads
 
 PROMPT = "a picture of "
 MAX_LENGTH, MIN_LENGTH = 30, 10
@@ -479,7 +484,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=384, help="side of the generated JPEGs, in pixels")
     parser.add_argument("--models-dir", type=Path, help="where to save the models, and reuse them from next time")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is steadier on a busy box)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads of the plain loop and of each capfilt model "
+                        "stage (default: each one's own default)")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
     if args.dtype == "auto":
@@ -500,7 +506,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)  # this thread's: the plain loop's (capfilt's stages get it in RunConfig)
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="capfilt-bench-") as workdir:  # shards, outputs, unsaved models
@@ -562,7 +568,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> int:
             filter=str(filter_dir) if command is not Command.caption else None,
             decoding=decoding if command is not Command.filter else None,
             filtering=filtering if command is not Command.caption else None,
-            device=str(device), dtype=args.dtype, batch_size=args.batch_size,
+            device=str(device), dtype=args.dtype, batch_size=args.batch_size, threads=args.threads,
         )
 
     log("(c) capfilt: warm-up bootstrap")
@@ -587,10 +593,13 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> int:
 
 def print_report(args: argparse.Namespace, methods: list[Method], count: int, image_tokens: int) -> None:
     device = args.device
+    stage_threads = [model_stage_threads(args.threads, stages, str(device)) or "torch's default" for stages in (2, 1)]
     print(f"\nBLIP {args.size} (random weights, {image_tokens} image tokens) on {device}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, torch threads "
-          f"{torch.get_num_threads()}; {args.images_small} and {args.images_large} JPEGs of {args.image_size} px; "
-          f"beams {args.num_beams}, length {MIN_LENGTH}..{MAX_LENGTH}; capfilt batch {args.batch_size}")
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; torch threads: "
+          f"plain loop {torch.get_num_threads()}, capfilt {stage_threads[0]} per model stage in bootstrap, "
+          f"{stage_threads[1]} in caption and filter;\n{args.images_small} and {args.images_large} JPEGs of "
+          f"{args.image_size} px; beams {args.num_beams}, length {MIN_LENGTH}..{MAX_LENGTH}; capfilt batch "
+          f"{args.batch_size}")
     for dtype in sorted({m.dtype for m in methods}, key=str):
         peak, source = peak_flops(device, dtype)
         print(f"peak {str(dtype).removeprefix('torch.')}: {peak / 1e12:.3f} TFLOP/s ({source})")
@@ -624,7 +633,7 @@ def print_report(args: argparse.Namespace, methods: list[Method], count: int, im
           " decoding = caption stage less its vision (and the plain loop's resize);\n  ITM = filter stage less its"
           " vision (and the plain loop's resize); other = the rest of the wall time.\n  capfilt's caption and filter"
           " stages run side by side in threads on consecutive batches: in bootstrap its parts add up to more than\n"
-          "  its wall time ('other' < 0), and on CPU its % peak is of one thread's peak (torch threads per stage).")
+          "  its wall time ('other' < 0). On CPU % peak is of the matmul peak with the plain loop's threads.")
     if device.type == "cpu":
         print("(b) batched loop: skipped on CPU (GPU only)")
 

@@ -54,6 +54,11 @@ Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar or summary
 EagerAttention = Annotated[
     bool, typer.Option("--eager-attention", help="transformers' own BLIP attention instead of fused SDPA.")
 ]
+Threads = Annotated[
+    int | None,
+    typer.Option("--threads", help="torch CPU threads of each model stage.",
+                 show_default="on CPU the cores split between the model stages"),
+]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo every shard instead of resuming.")]
 Devices = Annotated[
     str | None, typer.Option("--devices", help="One worker process per device: all (every GPU), 0,1 or cuda:0,cuda:1.")
@@ -184,6 +189,7 @@ def caption(
     image_column: ImageColumn = None, device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = 32,
     seed: Seed = 0, storage_options: StorageOptions = None, quiet: Quiet = False, overwrite: Overwrite = False,
     eager_attention: EagerAttention = False,
+    threads: Threads = None,
     devices: Devices = None, ray: Ray = None, ray_workers: RayWorkers = None,
     shard_index: ShardIndex = None, num_shards: NumShards = None,
 ) -> None:
@@ -198,7 +204,7 @@ def caption(
             shard_index, num_shards,
             captioner=captioner or p.captioner, decoding=decoding, input_format=input_format,
             output_format=output_format, caption_column=caption_column, image_column=image_column,
-            batch_size=batch_size, overwrite=overwrite, sdpa=not eager_attention)
+            batch_size=batch_size, overwrite=overwrite, sdpa=not eager_attention, threads=threads)
 
 
 @app.command("filter")
@@ -209,6 +215,7 @@ def filter_command(
     caption_column: CaptionColumn = None, image_column: ImageColumn = None, device: Device = "auto",
     dtype: Dtype = "auto", batch_size: BatchSize = 32, storage_options: StorageOptions = None, quiet: Quiet = False,
     overwrite: Overwrite = False, eager_attention: EagerAttention = False,
+    threads: Threads = None,
     devices: Devices = None, ray: Ray = None, ray_workers: RayWorkers = None,
     shard_index: ShardIndex = None, num_shards: NumShards = None,
 ) -> None:
@@ -222,7 +229,7 @@ def filter_command(
             shard_index, num_shards,
             filter=filter or p.filter, filtering=filtering, input_format=input_format,
             output_format=output_format, caption_column=caption_column, image_column=image_column,
-            batch_size=batch_size, overwrite=overwrite, sdpa=not eager_attention)
+            batch_size=batch_size, overwrite=overwrite, sdpa=not eager_attention, threads=threads)
 
 
 @app.command()
@@ -236,6 +243,7 @@ def bootstrap(
     device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = 32, seed: Seed = 0,
     storage_options: StorageOptions = None, quiet: Quiet = False, overwrite: Overwrite = False,
     eager_attention: EagerAttention = False,
+    threads: Threads = None,
     devices: Devices = None, ray: Ray = None, ray_workers: RayWorkers = None,
     shard_index: ShardIndex = None, num_shards: NumShards = None,
 ) -> None:
@@ -252,7 +260,7 @@ def bootstrap(
             captioner=captioner or p.captioner, filter=filter or p.filter, decoding=decoding,
             filtering=filtering, input_format=input_format, output_format=output_format,
             caption_column=caption_column, image_column=image_column, batch_size=batch_size,
-            overwrite=overwrite, sdpa=not eager_attention)
+            overwrite=overwrite, sdpa=not eager_attention, threads=threads)
 
 
 @app.command()

@@ -63,6 +63,8 @@ class RunConfig:
     dtype: str = "float32"
     batch_size: int = 32
     decode_workers: int = 2
+    # torch CPU threads of each model stage; None: on CPU the cores split between the stages (capfilt.threads).
+    threads: int | None = None
     # Scaled-dot-product attention instead of transformers' matmul-softmax BLIP attention (same outputs).
     sdpa: bool = True
     overwrite: bool = False
@@ -86,6 +88,8 @@ class RunConfig:
             raise ConfigError(f"--shard-index must be in 0..{self.num_shards - 1} (of --num-shards {self.num_shards})")
         if self.ray_workers is not None and self.ray_workers < 1:
             raise ConfigError("--ray-workers must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("--threads must be at least 1")
         for device in (self.device, *self.devices):
             try:
                 torch.device(device)

@@ -28,7 +28,7 @@ SUMMARY_FILE = "capfilt_summary.json"
 LOCK_FILE = "capfilt.lock"
 # Settings that do not change what is written: a resumed run may differ in these.
 NON_OUTPUT_SETTINGS = ("output", "device", "devices", "ray_address", "ray_workers", "shard_index", "num_shards",
-                       "batch_size", "decode_workers", "overwrite", "capfilt_version")
+                       "batch_size", "decode_workers", "threads", "overwrite", "capfilt_version")
 
 
 class OutputDirectory:

@@ -32,6 +32,7 @@ from capfilt.sample import Reject
 from capfilt.schema import capfilt_fields
 from capfilt.stages import Batch, CaptionStage, DecodeStage, FilterStage, Stage
 from capfilt.stats import ShardStats
+from capfilt.threads import decode_worker_threads, model_stage_threads, use_threads
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,12 @@ class ShardWorker:
         self.fs_in, self.input_format = locations.fs_in, locations.input_format
         self.fs_out, self.output_format = locations.fs_out, locations.output_format
         self.output = OutputDirectory(self.fs_out, locations.output_dir, self.output_format)
-        self.executor = ThreadPoolExecutor(max_workers=max(1, config.decode_workers))
+        self.executor = ThreadPoolExecutor(max_workers=max(1, config.decode_workers), initializer=use_threads,
+                                           initargs=(decode_worker_threads(config.device),))
         self.stage_batch_limit: dict[str, int] = {}
         self.models: list[ImageModel] = []
         self.stages = self._build_model_stages()
+        self.stage_threads = model_stage_threads(config.threads, len(self.stages), config.device)
         self.decode = DecodeStage(self.executor, DEFAULT_MAX_PIXELS, self.models)
 
     def _build_model_stages(self) -> list[Stage]:
@@ -122,6 +125,7 @@ class ShardWorker:
         return batches
 
     def _run_stage(self, stage: Stage, batches: Iterator[Batch], stats: ShardStats) -> Iterator[Batch]:
+        use_threads(self.stage_threads)  # torch's thread count is per thread: this runs in the stage's own
         for batch in batches:
             yield self._process(stage, batch, stats)
 
