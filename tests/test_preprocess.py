@@ -7,7 +7,11 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoProcessor, CLIPImageProcessor
-from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil as BlipImageProcessor
+
+try:  # BLIP's PIL image processor; before transformers 5.24 it was `BlipImageProcessor`
+    from transformers import BlipImageProcessorPil as BlipImageProcessor
+except ImportError:
+    from transformers import BlipImageProcessor
 
 from capfilt.decode import decode_image
 from capfilt.models.preprocess import fast_preprocess, processor_preprocess

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoConfig
 
 from capfilt.errors import ModelLoadError
+from capfilt.log import logger
 from capfilt.models.base import Captioner, CaptionScores, DecodingSettings, Filter
 from capfilt.models.blip import BlipCaptioner, BlipFilter
 from capfilt.models.loading import load_pretrained
@@ -29,12 +30,18 @@ def load_captioner(
     model_id: str, settings: DecodingSettings, device: str, dtype: torch.dtype, sdpa: bool = True
 ) -> Captioner:
     family = model_family(model_id, "captioner", CAPTIONERS)
+    logger.info("loading the captioner %s on %s (%s)", model_id, device, dtype_name(dtype))
     return CAPTIONERS[family](model_id, settings, device, dtype, sdpa=sdpa)
 
 
 def load_filter(model_id: str, device: str, dtype: torch.dtype, text_max_tokens: int, sdpa: bool = True) -> Filter:
     family = model_family(model_id, "filter", FILTERS)
+    logger.info("loading the filter %s on %s (%s)", model_id, device, dtype_name(dtype))
     return FILTERS[family](model_id, device, dtype, text_max_tokens, sdpa=sdpa)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def check_models(captioner: str | None, filter_: str | None) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+import transformers
 from PIL import Image
 from transformers import (
     AutoProcessor,
@@ -26,11 +28,13 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from capfilt.errors import ModelLoadError
 from capfilt.models.base import Captioner, CaptionScores, DecodingSettings, Filter, ImageModel
 from capfilt.models.blip_decoding import BlipDecoder
-from capfilt.models.fast_attention import PairImageCache, cache_argument, use_sdpa
+from capfilt.models.fast_attention import PairImageCache, cache_argument, use_library_attention, use_sdpa
+from capfilt.models.fast_paths import checked, close, first_line, probe_picture, same_tokens
 from capfilt.models.loading import load_pretrained
-from capfilt.models.preprocess import Preprocess, fast_preprocess, processor_preprocess
+from capfilt.models.preprocess import Preprocess, choose_preprocess, processor_preprocess
 from capfilt.models.sampling import KeyedGumbelNoise, sample_seed
 
 
@@ -38,6 +42,7 @@ class BlipImageInput(ImageModel):
     """Preprocessing as the checkpoint's own image processor does it, one image at a time (in the decode
     workers); through capfilt's exact table-driven path where it covers the processor's settings."""
 
+    role: str
     processor: BlipProcessor
     device: torch.device
     dtype: torch.dtype
@@ -48,8 +53,7 @@ class BlipImageInput(ImageModel):
 
     @functools.cached_property
     def _preprocess(self) -> Preprocess:
-        image_processor = self.processor.image_processor
-        return fast_preprocess(image_processor) or processor_preprocess(image_processor)
+        return choose_preprocess(self.processor.image_processor, self.role, self.model_id)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self._preprocess(image)
@@ -59,8 +63,19 @@ class BlipImageInput(ImageModel):
             pixels = pixels.pin_memory()
         return pixels.to(self.device, non_blocking=True).to(self.dtype)
 
+    def probe_pixels(self) -> torch.Tensor:
+        """The probe picture as the library's processor prepares it, a batch of one, on the CPU."""
+        return processor_preprocess(self.processor.image_processor)(probe_picture())[None]
+
+    def unusable(self, error: Exception) -> ModelLoadError:
+        """The library's own path failed on the probe: nothing capfilt can fall back to."""
+        return ModelLoadError(f"the {self.role} {self.model_id} fails on a probe picture with transformers "
+                              f"{transformers.__version__}: {type(error).__name__}: {first_line(error)}")
+
 
 class BlipCaptioner(BlipImageInput, Captioner):
+    role = "captioner"
+
     def __init__(
         self, model_id: str, settings: DecodingSettings, device: str, dtype: torch.dtype, sdpa: bool = True
     ) -> None:
@@ -71,15 +86,79 @@ class BlipCaptioner(BlipImageInput, Captioner):
         self.processor = load_pretrained(AutoProcessor, model_id, "captioner")
         self.model = load_pretrained(BlipForConditionalGeneration, model_id, "captioner", dtype=dtype)
         self.model.to(self.device).eval()
-        if sdpa:
-            use_sdpa(self.model)
         self.prompt_ids = self._prompt_ids()
+        self.decoder: BlipDecoder | None = None
+        self._enable_fast_paths(sdpa)
+
+    def _enable_fast_paths(self, sdpa: bool) -> None:
+        """SDPA attention and our own decoding loop, each where it gives the library's logits and generate()'s
+        captions on a probe picture (see capfilt.models.fast_paths); generate() with the library's attention
+        otherwise, and always with --eager-attention (`sdpa` False), the library's reference path."""
+        probe = self._probe_settings()
+        pixels, keys = self.to_device(self.probe_pixels()), ["probe"]
+        with torch.inference_mode():
+            try:
+                image_embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state
+                expected = self._sequences(image_embeds, keys, probe)
+                sequence = self._first_caption(expected)
+                expected_logits = self._library_logits(image_embeds, sequence)
+                expected_steps = self._greedy_steps(image_embeds, probe.max_length)
+            except Exception as error:
+                raise self.unusable(error) from error
+        if not sdpa:
+            return
+
+        @torch.inference_mode()
+        def check_attention() -> None:
+            use_sdpa(self.model)
+            fast_embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state
+            close(fast_embeds, image_embeds, self.dtype, "image embeddings")
+            close(self._library_logits(image_embeds, sequence), expected_logits, self.dtype, "logits")
+            tokens, logits = self._greedy_steps(image_embeds, probe.max_length)  # through the decoding cache
+            same_tokens(tokens, expected_steps[0])
+            close(logits, expected_steps[1], self.dtype, "logits while decoding")
+            same_tokens(self._sequences(fast_embeds, keys, probe), expected)
+
+        if not checked("fused attention (SDPA)", self.role, self.model_id, check_attention):
+            use_library_attention(self.model)
+        # A checkpoint asking for generation settings the loop does not reproduce keeps generate(), silently:
+        # that is the checkpoint's choice, not a fault.
+        if not BlipDecoder.covers(self.model.text_decoder):
+            return
         config = self.model.config.text_config
-        # Our own decoding loop where it reproduces generate(); generate() itself with --eager-attention (the
-        # library's reference path) or a checkpoint asking for settings the loop does not cover.
-        self.decoder = None
-        if sdpa and BlipDecoder.covers(self.model.text_decoder):
-            self.decoder = BlipDecoder(self.model.text_decoder, config.sep_token_id, config.pad_token_id)
+        decoder = BlipDecoder(self.model.text_decoder, config.sep_token_id, config.pad_token_id)
+
+        @torch.inference_mode()
+        def check_decoder() -> None:
+            continuation = sequence[:, len(self.prompt_ids) :]
+            close(decoder.logits_along(image_embeds, self.prompt_ids, continuation), expected_logits, self.dtype,
+                  "logits")
+            same_tokens(self._sequences(image_embeds, keys, probe, decoder), expected)
+
+        if checked("capfilt's own decoding loop", self.role, self.model_id, check_decoder):
+            self.decoder = decoder
+
+    def _first_caption(self, sequences: torch.Tensor) -> torch.Tensor:
+        """The first row of `sequences` up to its end token, as a batch of one."""
+        row, start = sequences[0], len(self.prompt_ids)
+        ends = (row[start:] == self.model.config.text_config.sep_token_id).nonzero()
+        return row[: start + int(ends[0]) + 1 if len(ends) else row.shape[0]][None]
+
+    def _library_logits(self, image_embeds: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+        """The text decoder's own forward over `sequence`: the next-token logits from the prompt's last token on."""
+        output = self.model.text_decoder(input_ids=sequence, attention_mask=torch.ones_like(sequence),
+                                         encoder_hidden_states=image_embeds)
+        return output.logits[:, len(self.prompt_ids) - 1 : -1].float()
+
+    def _greedy_steps(self, image_embeds: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy generate(): its tokens and the logits of each step, which go through the decoding cache."""
+        output = self._generate(image_embeds, max_length=max_length, output_logits=True, return_dict_in_generate=True)
+        return output.sequences, torch.stack(output.logits, dim=1).float()
+
+    def _probe_settings(self) -> DecodingSettings:
+        """The run's decoding settings, cut to a few new tokens."""
+        max_length = min(self.settings.max_length, len(self.prompt_ids) + 4)
+        return replace(self.settings, max_length=max_length, min_length=min(self.settings.min_length, max_length))
 
     def _prompt_ids(self) -> torch.Tensor:
         """The decoder's first tokens, as BLIP's generate() makes them: the prompt's [CLS] swapped for [DEC]
@@ -94,30 +173,31 @@ class BlipCaptioner(BlipImageInput, Captioner):
     @torch.inference_mode()
     def caption_pixels(self, pixels: torch.Tensor, keys: list[str]) -> list[list[str]]:
         """BLIP's generate() with the image encoded once for all of its beams or sampled captions, and keyed
-        sampling; stepped by `BlipDecoder` where it covers the settings."""
+        sampling; stepped by `BlipDecoder` where it passed its check."""
         s = self.settings
         image_embeds = self.model.vision_model(pixel_values=self.to_device(pixels)).last_hidden_state
+        texts = self.processor.batch_decode(self._sequences(image_embeds, keys, s, self.decoder),
+                                            skip_special_tokens=True)
+        n = s.num_captions
+        return [[strip_prompt(t, s.prompt) for t in texts[i * n : (i + 1) * n]] for i in range(len(keys))]
+
+    def _sequences(self, image_embeds: torch.Tensor, keys: list[str], s: DecodingSettings,
+                   decoder: BlipDecoder | None = None) -> torch.Tensor:
+        """Token sequences, `s.num_captions` rows per image: through `decoder`, or the library's generate()."""
         lengths = {"max_length": s.max_length, "min_length": s.min_length,
                    "repetition_penalty": s.effective_repetition_penalty}
         if s.method == "beam":
-            if self.decoder is not None:
-                sequences = self.decoder.beam_search(image_embeds, self.prompt_ids, s.num_beams, s.num_captions,
-                                                     **lengths)
-            else:
-                sequences = self._generate(image_embeds, num_beams=s.num_beams, num_return_sequences=s.num_captions,
-                                           **lengths)
-        else:  # one row per caption, each sampled by greedy decoding over its own keyed noise
-            seeds = [sample_seed(s.seed, key, j) for key in keys for j in range(s.num_captions)]
-            warpers = [*self._warpers(), KeyedGumbelNoise(seeds)]
-            if self.decoder is not None:
-                sequences = self.decoder.greedy(image_embeds, self.prompt_ids, s.num_captions, warpers=warpers,
-                                                **lengths)
-            else:
-                sequences = self._generate(image_embeds.repeat_interleave(s.num_captions, dim=0),
-                                           logits_processor=LogitsProcessorList(warpers), **lengths)
-        texts = self.processor.batch_decode(sequences, skip_special_tokens=True)
-        n = s.num_captions
-        return [[strip_prompt(t, s.prompt) for t in texts[i * n : (i + 1) * n]] for i in range(len(keys))]
+            if decoder is not None:
+                return decoder.beam_search(image_embeds, self.prompt_ids, s.num_beams, s.num_captions, **lengths)
+            return self._generate(image_embeds, num_beams=s.num_beams, num_return_sequences=s.num_captions,
+                                  **lengths)
+        # Nucleus sampling: one row per caption, each decoded greedily over its own keyed noise.
+        seeds = [sample_seed(s.seed, key, j) for key in keys for j in range(s.num_captions)]
+        warpers = [*self._warpers(s), KeyedGumbelNoise(seeds)]
+        if decoder is not None:
+            return decoder.greedy(image_embeds, self.prompt_ids, s.num_captions, warpers=warpers, **lengths)
+        return self._generate(image_embeds.repeat_interleave(s.num_captions, dim=0),
+                              logits_processor=LogitsProcessorList(warpers), **lengths)
 
     def _generate(self, image_embeds: torch.Tensor, **decoding: object) -> torch.Tensor:
         """What BlipForConditionalGeneration.generate does after its vision pass."""
@@ -134,7 +214,7 @@ class BlipCaptioner(BlipImageInput, Captioner):
             **decoding,
         )
 
-    def _warpers(self) -> list:
+    def _warpers(self, s: DecodingSettings) -> list:
         """The filters `generate(do_sample=True)` would apply: the checkpoint's temperature and top-k, our top-p."""
         generation = self.model.generation_config
         warpers = []
@@ -142,9 +222,14 @@ class BlipCaptioner(BlipImageInput, Captioner):
             warpers.append(TemperatureLogitsWarper(generation.temperature))
         if generation.top_k:
             warpers.append(TopKLogitsWarper(generation.top_k))
-        if self.settings.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(self.settings.top_p))
+        if s.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(s.top_p))
         return warpers
+
+
+# Two captions for the filter's probe: one short, one near BLIP's 35 tokens after truncation.
+PROBE_CAPTIONS = ["a dog", "a red circle and a small blue square on a grey background, next to a green star, "
+                  "IMG_2031.JPG, with some words that make this caption longer than thirty five tokens"]
 
 
 def strip_prompt(text: str, prompt: str) -> str:
@@ -156,6 +241,8 @@ def strip_prompt(text: str, prompt: str) -> str:
 
 
 class BlipFilter(BlipImageInput, Filter):
+    role = "filter"
+
     def __init__(
         self,
         model_id: str,
@@ -175,9 +262,43 @@ class BlipFilter(BlipImageInput, Filter):
         self.processor = load_pretrained(AutoProcessor, model_id, "filter")
         self.model = load_pretrained(BlipForImageTextRetrieval, model_id, "filter", dtype=dtype)
         self.model.to(self.device).eval()
-        self.sdpa = sdpa
-        if sdpa:
+        self.sdpa = False  # SDPA attention, and with it each image's keys projected once (`PairImageCache`)
+        self.own_passes = True  # each image encoded once for all its captions, instead of the model's forward
+        self._enable_fast_paths(sdpa)
+
+    def _enable_fast_paths(self, sdpa: bool) -> None:
+        """SDPA attention and our own text passes, each where it gives the model's own forward's scores on a
+        probe: two pictures (the probe and its mirror image), one with two captions, one with one, so that a
+        caption paired with the wrong picture shows (see capfilt.models.fast_paths)."""
+        probe = self.probe_pixels()
+        images = torch.cat([probe, probe.flip(-1)])
+        captions = [PROBE_CAPTIONS, PROBE_CAPTIONS[1:]]
+        pair_pixels = self.to_device(images[[0, 0, 1]])
+        token_ids = self.tokenize([text for texts in captions for text in texts])
+        tokens = self.padded(token_ids, max(len(ids) for ids in token_ids))
+        with torch.inference_mode():
+            try:
+                expected = torch.stack(self._library_pass(pair_pixels, tokens, itm=True, itc=True))
+            except Exception as error:
+                raise self.unusable(error) from error
+
+        @torch.inference_mode()
+        def check_attention() -> None:
             use_sdpa(self.model)
+            actual = torch.stack(self._library_pass(pair_pixels, tokens, itm=True, itc=True))
+            close(actual, expected, self.dtype, "scores")
+
+        if sdpa:
+            self.sdpa = checked("fused attention (SDPA)", self.role, self.model_id, check_attention)
+            if not self.sdpa:
+                use_library_attention(self.model)
+
+        def check_passes() -> None:
+            scores = [score for pairs in self.score_pixels(images, captions, itm=True, itc=True) for score in pairs]
+            actual = torch.tensor([[score.itm for score in scores], [score.itc for score in scores]])
+            close(actual, expected, self.dtype, "scores")
+
+        self.own_passes = checked("capfilt's own text passes", self.role, self.model_id, check_passes)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids as the reference call makes them, truncated to the filter's text length (BLIP: 35)."""
@@ -198,8 +319,10 @@ class BlipFilter(BlipImageInput, Filter):
         pair_images = torch.tensor([i for i, image_texts in enumerate(captions) for _ in image_texts])
         if not texts:
             return [[] for _ in captions]
-        image_embeds = self.model.vision_model(pixel_values=self.to_device(pixels)).last_hidden_state
-        image_keys = PairImageCache(self.pair_batch_size) if self.sdpa else None
+        pixels = self.to_device(pixels)
+        if self.own_passes:
+            image_embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state
+            image_keys = PairImageCache(self.pair_batch_size) if self.sdpa else None
         token_ids = self.tokenize(texts)
         # Texts are scored in passes of one length, their token count rounded up to a multiple of 8: then a
         # short caption costs a short pass, and a pair's pass does not depend on the other texts of the batch.
@@ -216,6 +339,11 @@ class BlipFilter(BlipImageInput, Filter):
                 rows = chunk + chunk[:1] * (self.pair_batch_size - len(chunk))
                 tokens = self.padded([token_ids[row] for row in rows], length)
                 images = pair_images[rows].to(self.device)
+                if not self.own_passes:
+                    itm_pass, itc_pass = self._library_pass(pixels[images], tokens, itm, itc)
+                    itm_parts.append(itm_pass[: len(chunk)])
+                    itc_parts.append(itc_pass[: len(chunk)])
+                    continue
                 if itm:
                     itm_parts.append(self._itm(image_embeds, images, tokens, image_keys)[: len(chunk)])
                 if itc:
@@ -229,6 +357,20 @@ class BlipFilter(BlipImageInput, Filter):
             result.append(scores[offset : offset + len(image_texts)])
             offset += len(image_texts)
         return result
+
+    def _library_pass(
+        self, pixels: torch.Tensor, tokens: dict[str, torch.Tensor], itm: bool, itc: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM and ITC of each pair (row) from the model's own forward, which encodes each pair's image again:
+        the reference of the fast paths, and the path left when they are off. A score not asked for is empty."""
+        nothing = torch.empty(0, device=self.device)
+        itm_scores = itc_scores = nothing
+        if itm:
+            logits = self.model(**tokens, pixel_values=pixels, use_itm_head=True).itm_score
+            itm_scores = logits.float().softmax(dim=-1)[:, 1]
+        if itc:  # the model gives every image against every text; a pair is on the diagonal
+            itc_scores = self.model(**tokens, pixel_values=pixels, use_itm_head=False).itm_score.float().diagonal()
+        return itm_scores, itc_scores
 
     def _itm(
         self,

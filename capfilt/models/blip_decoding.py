@@ -160,6 +160,17 @@ class BlipDecoder:
     # --- decoding ----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
+    def logits_along(self, image_embeds: torch.Tensor, prompt_ids: torch.Tensor,
+                     continuation: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (float32) of one row per image after the prompt and after each token of
+        `continuation` (rows, tokens) but its last, computed as decoding computes them: what the start-up
+        check compares with the text decoder's own forward."""
+        logits = [self._start(image_embeds, prompt_ids, 1)]
+        for tokens in continuation[:, :-1].T:
+            logits.append(self._step(tokens))
+        return torch.stack(logits, dim=1)
+
+    @torch.inference_mode()
     def greedy(self, image_embeds: torch.Tensor, prompt_ids: torch.Tensor, rows_per_image: int, max_length: int,
                min_length: int, repetition_penalty: float, warpers: list[LogitsProcessor]) -> torch.Tensor:
         """generate(do_sample=False) with extra `warpers` (e.g. keyed Gumbel noise, which makes it sampling):

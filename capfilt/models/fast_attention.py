@@ -127,3 +127,11 @@ def use_sdpa(model: nn.Module) -> nn.Module:
         elif isinstance(module, BlipTextSelfAttention):
             module.forward = types.MethodType(text_attention, module)
     return model
+
+
+def use_library_attention(model: nn.Module) -> nn.Module:
+    """Undo `use_sdpa`: every attention module runs its class's own forward again."""
+    for module in model.modules():
+        if isinstance(module, (BlipAttention, BlipTextSelfAttention)):
+            module.__dict__.pop("forward", None)
+    return model

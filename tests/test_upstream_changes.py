@@ -1,0 +1,121 @@
+"""A transformers release that changes what capfilt's fast paths lean on costs speed, never a run.
+
+Each test simulates such a change by monkeypatching the library (the change that broke capfilt in 5.24 was
+a renamed keyword), runs a real bootstrap, and checks that captions and scores still equal the plain library
+calls and that one warning line names the fast path that was switched off.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import pytest
+import torch
+from transformers import AutoProcessor
+from transformers.image_utils import PILImageResampling
+from transformers.models.blip import modeling_blip_text
+from transformers.models.blip.modeling_blip_text import BlipTextAttention, BlipTextEmbeddings, BlipTextModel
+
+from capfilt.config import Command
+from capfilt.pipeline import run
+from tests import reference
+from tests.test_pipeline import BEAM, config, decoded, read_output
+
+
+def embeddings_need_a_new_keyword(monkeypatch: pytest.MonkeyPatch, models: tuple[str, str]) -> None:
+    """The text embeddings take their position under a keyword that becomes required (as `cache_length` came
+    in 5.24): the library passes it, capfilt's own decoding loop does not."""
+    original = BlipTextEmbeddings.forward
+
+    def forward(self, input_ids=None, position_ids=None, inputs_embeds=None, **kwargs):
+        if "cache_length" not in kwargs:
+            raise TypeError("BlipTextEmbeddings.forward() missing 1 required keyword argument: 'cache_length'")
+        return original(self, input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+    monkeypatch.setattr(BlipTextEmbeddings, "forward", forward)
+
+
+def attention_cache_renamed(monkeypatch: pytest.MonkeyPatch, models: tuple[str, str]) -> None:
+    """The layers hand the attention its cache under a new name (as `past_key_values` became `cache` in 5.24):
+    the library's attention follows, capfilt's SDPA attention does not know the name and runs without it."""
+    original = modeling_blip_text.BlipTextSelfAttention.forward
+
+    def self_attention(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                       encoder_attention_mask=None, kv_cache=None, **kwargs):
+        return original(self, hidden_states, attention_mask=attention_mask,
+                        encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                        cache=kv_cache)
+
+    def attention(self, hidden_states, attention_mask=None, encoder_hidden_states=None, cache=None, **kwargs):
+        context, probabilities = self.self(hidden_states, attention_mask=attention_mask,
+                                           encoder_hidden_states=encoder_hidden_states, kv_cache=cache)
+        return self.output(context, hidden_states), probabilities
+
+    monkeypatch.setattr(modeling_blip_text.BlipTextSelfAttention, "forward", self_attention)
+    monkeypatch.setattr(BlipTextAttention, "forward", attention)
+
+
+def encoder_rejects_a_cache(monkeypatch: pytest.MonkeyPatch, models: tuple[str, str]) -> None:
+    """The text model takes a cache only while generating (`use_cache`): the model's own ITM forward passes
+    none, capfilt's text passes pass one (each image's keys, projected once)."""
+    original = BlipTextModel.forward
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        if kwargs.get("cache") is not None and not kwargs.get("use_cache"):
+            raise TypeError("BlipTextModel.forward() got an unexpected keyword argument 'cache'")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(BlipTextModel, "forward", forward)
+
+
+def processor_resizes_otherwise(monkeypatch: pytest.MonkeyPatch, models: tuple[str, str]) -> None:
+    """The image processor changes how it resizes: capfilt's table-driven preprocessing no longer matches it."""
+    processor_class = type(AutoProcessor.from_pretrained(models[0]).image_processor)
+    original = processor_class.resize
+
+    def resize(self, image, size, resample=None, **kwargs):
+        return original(self, image, size, resample=PILImageResampling.BILINEAR, **kwargs)
+
+    monkeypatch.setattr(processor_class, "resize", resize)
+
+
+@pytest.mark.parametrize("change,fast_paths", [
+    (embeddings_need_a_new_keyword, {"captioner": "capfilt's own decoding loop"}),
+    (attention_cache_renamed, {"captioner": "fused attention (SDPA)", "filter": "capfilt's own text passes"}),
+    (encoder_rejects_a_cache, {"filter": "capfilt's own text passes"}),
+    (processor_resizes_otherwise, {"captioner": "table-driven preprocessing", "filter": "table-driven preprocessing"}),
+], ids=["decoding-loop", "sdpa-attention", "filter-passes", "preprocessing"])
+def test_a_changed_library_turns_the_fast_path_off_and_the_run_still_equals_it(
+    tiny_models, shapes_dataset, tmp_path, monkeypatch, caplog, change, fast_paths
+):
+    change(monkeypatch, tiny_models)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="capfilt"):
+        summary = run(config(Command.bootstrap, shapes_dataset, out, tiny_models))
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == len(fast_paths), warnings
+    for role, fast_path in fast_paths.items():
+        assert any(message.startswith(f"{fast_path} is off for the {role} ") for message in warnings), warnings
+    assert all("\n" not in message and "using the library's path" in message for message in warnings)
+
+    samples = read_output(out)
+    assert summary.written == len(samples) == 20 and not summary.failed_shards
+    for sample in samples:  # the plain library calls, under the same changed library
+        image = decoded(sample)
+        assert [c.text for c in sample.synthetic_captions] == reference.beam_captions(tiny_models[0], image, BEAM)
+        for caption in sample.captions():
+            itm, itc = reference.pair_scores(tiny_models[1], image, caption.text)
+            assert caption.itm_score == pytest.approx(itm, abs=1e-5)
+            assert caption.itc_score == pytest.approx(itc, abs=1e-5)
+
+
+def test_the_library_as_it_is_keeps_every_fast_path(tiny_models, shapes_dataset, tmp_path, caplog):
+    from capfilt.models import load_captioner, load_filter
+
+    with caplog.at_level(logging.WARNING, logger="capfilt"):
+        captioner = load_captioner(tiny_models[0], BEAM, "cpu", torch.float32)
+        filter_ = load_filter(tiny_models[1], "cpu", torch.float32, 35)
+    assert not caplog.records
+    assert captioner.decoder is not None and filter_.sdpa and filter_.own_passes
