@@ -41,4 +41,5 @@ class ConfigError(CapfiltError):
 
 
 class RunError(CapfiltError):
-    """A run stopped by a failure outside any one shard (a worker process died)."""
+    """A run stopped by a failure beyond any one shard: a worker process died, or shards failed one after
+    another with the same error."""

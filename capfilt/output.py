@@ -1,10 +1,11 @@
 """The output directory of a run: its lock, its recorded settings, and which shards are already complete.
 
 Rerunning the same command resumes: a shard whose stats file exists (written last, after the shard and its
-side files) and records no error is complete and skipped. Leftover temporaries of a killed run are removed
-first. A rerun with settings that change the output is refused rather than mixing results; `--overwrite`
-starts again. One run at a time may write a directory: an advisory lock (flock) that the kernel releases
-when its process dies, so a killed run never leaves it stuck.
+side files) and records no error is complete and skipped. A failed shard, whether its input broke off or its
+processing raised, is redone: the cause may be passing (a lost connection, a busy device) or fixed since.
+Leftover temporaries of a killed run are removed first. A rerun with settings that change the output is
+refused rather than mixing results; `--overwrite` starts again. One run at a time may write a directory: an
+advisory lock (flock) that the kernel releases when its process dies, so a killed run never leaves it stuck.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ class OutputDirectory:
             return None
 
     def completed(self, shard: Shard) -> ShardStats | None:
-        """The stats of a shard a previous run finished, or None when it must be (re)done."""
+        """The stats of a shard a previous run finished, or None when it must be (re)done: never run, failed,
+        or its output gone."""
         stats = self.shard_stats(shard)
         if stats is None or stats.error:
             return None

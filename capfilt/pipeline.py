@@ -5,16 +5,19 @@ The runner decides where shards run: in this process (the default), one process 
 or actors on a Ray cluster (`--ray`); all of them run the same `ShardWorker`, so the output is the same.
 A job split over independent processes (`--shard-index I --num-shards N`, e.g. a SLURM array) gives each
 process every N-th shard; `capfilt summary OUTPUT` then merges the run summary once all have finished.
+A shard fails alone, but shards failing one after another with the same error stop the run: a systematic
+error (a model that cannot run, a device too small for it) should not go on through every shard of a job.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from capfilt import __version__
 from capfilt.config import RunConfig
-from capfilt.errors import OutputError
+from capfilt.errors import OutputError, RunError
 from capfilt.formats import get_format
 from capfilt.formats.base import Shard
 from capfilt.observer import Observer
@@ -32,6 +35,30 @@ def resolve(config: RunConfig) -> Locations:
     fs_out, output_dir = resolve_output(config.output, config.storage_options)
     check_output_apart(fs_in, shards, fs_out, output_dir)
     return Locations(fs_in, input_format, shards, fs_out, output_dir, output_format)
+
+
+# This many shards failing in a row with the same error stop the run.
+SYSTEMATIC_FAILURES = 3
+
+
+class FailureStreak:
+    """The shards that failed last, one after another in completion order, on the same processing error."""
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+        self.shards: list[str] = []
+
+    def add(self, stats: ShardStats) -> bool:
+        """Count a finished shard; True when it makes SYSTEMATIC_FAILURES in a row with the same error."""
+        # Only processing failures: bad input shards may well come in a row. The same error with other
+        # numbers in its message (the bytes it tried to allocate, a tensor's size) is the same error.
+        error = re.sub(r"\d+", "#", stats.error) if stats.abandoned and stats.error else None
+        if error is None or error != self.error:
+            self.shards = []
+        self.error = error
+        if error is not None:
+            self.shards.append(stats.shard)
+        return len(self.shards) >= SYSTEMATIC_FAILURES
 
 
 def shard_share(shards: list[Shard], index: int, count: int) -> list[Shard]:
@@ -68,11 +95,18 @@ class Pipeline:
                 else:
                     done[shard.name] = stats
                     self.observer.shard_finished(stats)
+            streak = FailureStreak()
             for stats in self.runner.run(pending):
                 done[stats.shard] = stats
                 if not self.runner.reports_samples:
                     self.observer.samples_done(stats.read)
                 self.observer.shard_finished(stats)
+                if streak.add(stats):
+                    raise RunError(
+                        f"shards {', '.join(streak.shards)} failed one after another with the same error, so the "
+                        f"run stopped: {stats.error} (tracebacks in their _stats.json files, or with --debug); "
+                        "the output keeps the finished shards and a rerun resumes"
+                    )
             summary = RunSummary.merge([done[shard.name] for shard in self.shards], time.perf_counter() - started)
             if whole_run:  # a share of a split job leaves the run summary to `capfilt summary`
                 self.output.write_json(self.output.file(SUMMARY_FILE), summary.record())

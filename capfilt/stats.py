@@ -41,7 +41,16 @@ class ShardStats(Counts):
     # Sparse histograms of the scores: {kind: {bin index: count}} over SCORE_RANGES[kind].
     histograms: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
+    # Why the shard failed, in one line: a read error (the samples read before it are processed and counted),
+    # or an exception processing it, which abandons the shard (nothing of it is written or counted) and sets
+    # `traceback`. Either way the shard is not complete: a rerun redoes it.
     error: str | None = None
+    traceback: str | None = None
+
+    @property
+    def abandoned(self) -> bool:
+        """Whether the shard failed on an exception processing it, not on its input."""
+        return self.traceback is not None
 
     def count_reject(self, reason: str) -> None:
         self.rejected += 1

@@ -6,12 +6,18 @@ dropped list and stats are all written under temporary names and moved into plac
 complete, stats last (its presence marks a finished shard). Reading and decoding, and each model stage, run
 in their own threads on consecutive batches; a model stage whose batch runs out of device memory is retried
 in halves.
+
+A shard fails alone: a shard that cannot be read to its end keeps what was read before the break, and an
+exception in a step of its pipeline (a model's error, out of memory with one sample, a bug on an odd sample)
+abandons the shard, whose stats then record the error and its traceback and nothing else. An error writing
+the output (a full disk) is not the shard's: it stops the run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import traceback
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -96,24 +102,40 @@ class ShardWorker:
             return stats
         rejects: list[Reject] = []
         dropped: list[dict] = []  # records, not samples: a sample holds its images' tensors
-        with (
-            self.output_format.open_writer(self.fs_out, self.output.path, shard.name, layout) as writer,
-            contextlib.closing(self._steps(shard, stats)) as batches,  # on any error, stops every step's thread
-        ):
-            for batch in batches:
-                for sample in batch.samples:
-                    writer.write(sample)
-                stats.written += len(batch.samples)
-                stats.dropped += len(batch.dropped)
-                for reject in batch.rejects:
-                    stats.count_reject(reject.reason)
-                rejects += batch.rejects
-                dropped += [{"key": s.key, **capfilt_fields(s)} for s in batch.dropped]
-                self.observer.samples_done(len(batch.samples) + len(batch.dropped) + len(batch.rejects))
+        try:
+            with (  # on any error the writer removes its temporary: no half shard is left
+                self.output_format.open_writer(self.fs_out, self.output.path, shard.name, layout) as writer,
+                contextlib.closing(self._steps(shard, stats)) as batches,  # on any error, stops every step's thread
+            ):
+                for batch in batches:
+                    for sample in batch.samples:
+                        writer.write(sample)
+                    stats.written += len(batch.samples)
+                    stats.dropped += len(batch.dropped)
+                    for reject in batch.rejects:
+                        stats.count_reject(reject.reason)
+                    rejects += batch.rejects
+                    dropped += [{"key": s.key, **capfilt_fields(s)} for s in batch.dropped]
+                    self.observer.samples_done(len(batch.samples) + len(batch.dropped) + len(batch.rejects))
+        except StepFailed as failure:
+            return self._abandon(shard, failure.__cause__, started)
         self.output.write_jsonl(side_files["rejects"], [r.record() for r in rejects])
         self.output.write_jsonl(side_files["dropped"], dropped)
         stats.seconds = round(time.perf_counter() - started, 3)
         self.output.write_json(side_files["stats"], stats.record())  # last: it marks the shard complete
+        return stats
+
+    def _abandon(self, shard: Shard, error: BaseException, started: float) -> ShardStats:
+        """The stats of a shard abandoned on `error`, written as its stats file: the error in one line and its
+        traceback, and no counts, since none of its samples is in the output. A rerun redoes the shard."""
+        message = str(error).strip()
+        stats = ShardStats(
+            shard=shard.name,
+            seconds=round(time.perf_counter() - started, 3),
+            error=f"{type(error).__name__}: {message.splitlines()[0]}" if message else type(error).__name__,
+            traceback="".join(traceback.format_exception(error)),
+        )
+        self.output.write_json(self.output.side_files(shard.name)["stats"], stats.record())
         return stats
 
     def _steps(self, shard: Shard, stats: ShardStats) -> Iterator[Batch]:
@@ -122,7 +144,7 @@ class ShardWorker:
         batches = in_background(self._read(shard, stats), f"read-{shard.name}")
         for stage in self.stages:
             batches = in_background(self._run_stage(stage, batches, stats), f"{stage.name}-{shard.name}")
-        return batches
+        return _failures_marked(batches)
 
     def _run_stage(self, stage: Stage, batches: Iterator[Batch], stats: ShardStats) -> Iterator[Batch]:
         use_threads(self.stage_threads)  # torch's thread count is per thread: this runs in the stage's own
@@ -137,7 +159,7 @@ class ShardWorker:
             try:
                 return stage.process(batch, stats)
             except torch.cuda.OutOfMemoryError:
-                if len(batch.samples) <= 1:
+                if len(batch.samples) <= 1:  # nothing left to split: the shard fails
                     raise
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -174,3 +196,15 @@ class ShardWorker:
             stats.error = str(error)
         stats.read += len(batch.samples) + len(batch.rejects)
         yield self.decode.process(batch, stats)
+
+
+class StepFailed(Exception):
+    """An exception raised in a step of a shard's pipeline (its `__cause__`), told apart from an error writing
+    the output: the first fails the shard, the second stops the run."""
+
+
+def _failures_marked(batches: Iterator[Batch]) -> Iterator[Batch]:
+    try:
+        yield from batches
+    except Exception as error:  # not KeyboardInterrupt or SystemExit: those stop the run
+        raise StepFailed from error

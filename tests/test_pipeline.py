@@ -213,9 +213,10 @@ def test_a_crash_mid_shard_leaves_no_finished_looking_shard(tiny_models, shapes_
         return original(batch, stats)
 
     filter_stage.process = crash_on_third_batch
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        pipeline.run()
-    assert sorted(p.name for p in out.iterdir()) == ["capfilt_run.json"]
+    summary = pipeline.run()  # the shard fails alone (tests/test_shard_failures.py)
+    assert summary.failed_shards == {"00000": "RuntimeError: simulated crash"}
+    assert sorted(p.name for p in out.glob("00000*")) == ["00000_stats.json"] and not list(out.glob("*.tmp"))
+    assert pipeline.output.completed(pipeline.shards[0]) is None  # its stats record the error: a rerun redoes it
 
 
 def test_a_broken_shard_fails_alone(tiny_models, shapes_dataset, tmp_path):
