@@ -14,22 +14,23 @@ import pytest
 import torch
 from transformers import AutoProcessor
 from transformers.image_utils import PILImageResampling
-from transformers.models.blip import modeling_blip_text
-from transformers.models.blip.modeling_blip_text import BlipTextAttention, BlipTextEmbeddings, BlipTextModel
+from torch import nn
+from transformers.models.blip.modeling_blip_text import BlipTextEmbeddings, BlipTextModel, BlipTextSelfAttention
 
 from capfilt.config import Command
+from capfilt.models.fast_attention import cache_argument
 from capfilt.pipeline import run
 from tests import reference
 from tests.test_pipeline import BEAM, config, decoded, read_output
 
 
 def embeddings_need_a_new_keyword(monkeypatch: pytest.MonkeyPatch, models: tuple[str, str]) -> None:
-    """The text embeddings take their position under a keyword that becomes required (as `cache_length` came
-    in 5.24): the library passes it, capfilt's own decoding loop does not."""
+    """The text embeddings require a keyword capfilt does not pass (as the cache length, `cache_length` from
+    5.24 and `past_key_values_length` before): the library passes it, capfilt's own decoding loop does not."""
     original = BlipTextEmbeddings.forward
 
     def forward(self, input_ids=None, position_ids=None, inputs_embeds=None, **kwargs):
-        if "cache_length" not in kwargs:
+        if not kwargs:
             raise TypeError("BlipTextEmbeddings.forward() missing 1 required keyword argument: 'cache_length'")
         return original(self, input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
 
@@ -39,32 +40,31 @@ def embeddings_need_a_new_keyword(monkeypatch: pytest.MonkeyPatch, models: tuple
 def attention_cache_renamed(monkeypatch: pytest.MonkeyPatch, models: tuple[str, str]) -> None:
     """The layers hand the attention its cache under a new name (as `past_key_values` became `cache` in 5.24):
     the library's attention follows, capfilt's SDPA attention does not know the name and runs without it."""
-    original = modeling_blip_text.BlipTextSelfAttention.forward
+    original = BlipTextSelfAttention.forward
+    name = cache_argument(BlipTextSelfAttention)
 
-    def self_attention(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
-                       encoder_attention_mask=None, kv_cache=None, **kwargs):
-        return original(self, hidden_states, attention_mask=attention_mask,
-                        encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
-                        cache=kv_cache)
+    def call(self, *args, **kwargs):  # the callers: the cache under its new name
+        if name in kwargs:
+            kwargs["kv_cache"] = kwargs.pop(name)
+        return nn.Module.__call__(self, *args, **kwargs)
 
-    def attention(self, hidden_states, attention_mask=None, encoder_hidden_states=None, cache=None, **kwargs):
-        context, probabilities = self.self(hidden_states, attention_mask=attention_mask,
-                                           encoder_hidden_states=encoder_hidden_states, kv_cache=cache)
-        return self.output(context, hidden_states), probabilities
+    def forward(self, *args, kv_cache=None, **kwargs):  # the library's attention, renamed with them
+        return original(self, *args, **kwargs, **{name: kv_cache})
 
-    monkeypatch.setattr(modeling_blip_text.BlipTextSelfAttention, "forward", self_attention)
-    monkeypatch.setattr(BlipTextAttention, "forward", attention)
+    monkeypatch.setattr(BlipTextSelfAttention, "__call__", call)
+    monkeypatch.setattr(BlipTextSelfAttention, "forward", forward)
 
 
 def encoder_rejects_a_cache(monkeypatch: pytest.MonkeyPatch, models: tuple[str, str]) -> None:
     """The text model takes a cache only while generating (`use_cache`): the model's own ITM forward passes
     none, capfilt's text passes pass one (each image's keys, projected once)."""
     original = BlipTextModel.forward
+    name = cache_argument(BlipTextModel)
 
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
-        if kwargs.get("cache") is not None and not kwargs.get("use_cache"):
-            raise TypeError("BlipTextModel.forward() got an unexpected keyword argument 'cache'")
+        if kwargs.get(name) is not None and not kwargs.get("use_cache"):
+            raise TypeError(f"BlipTextModel.forward() got an unexpected keyword argument '{name}'")
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(BlipTextModel, "forward", forward)

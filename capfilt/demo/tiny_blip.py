@@ -25,7 +25,11 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+try:  # BLIP's PIL image processor (what checkpoints load without torchvision); before 5.24, BlipImageProcessor
+    from transformers import BlipImageProcessorPil
+except ImportError:
+    from transformers import BlipImageProcessor as BlipImageProcessorPil
 
 from capfilt.demo.shapes import VOCABULARY
 

@@ -223,7 +223,8 @@ class BlipDecoder:
             topk_log_probs, topk_sequences, topk_beam_indices = d._get_top_k_continuations(
                 accumulated_log_probs=log_probs, running_sequences=running_sequences,
                 running_beam_indices=running_beam_indices, cur_len=cur_len, decoder_prompt_len=prompt_len,
-                do_sample=False, beams_to_keep=beams_to_keep, num_beams=num_beams, batch_size=batch)
+                do_sample=False, beams_to_keep=beams_to_keep, num_beams=num_beams, batch_size=batch,
+                vocab_size=logits.shape[-1])  # required before transformers 5.18, ignored after
             hits_stop = (topk_sequences[:, :, cur_len] == self.eos) | (cur_len + 1 >= max_length)
             running_sequences, running_beam_scores, running_beam_indices = d._get_running_beams_for_next_iteration(
                 topk_log_probs=topk_log_probs, topk_running_sequences=topk_sequences,

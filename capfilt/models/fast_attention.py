@@ -113,7 +113,7 @@ def text_attention(
     return context, None
 
 
-def cache_argument(module: nn.Module) -> str:
+def cache_argument(module: nn.Module | type[nn.Module]) -> str:
     """The name under which `module.forward` takes its cache: `cache` from transformers 5.24 on, before that
     `past_key_values` (public arguments, read from the signature rather than assumed)."""
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"

@@ -42,6 +42,9 @@ def load_pretrained(cls: Any, model_id: str, role: str, **kwargs: Any) -> Any:
     """`cls.from_pretrained(model_id)` with a one-line `ModelLoadError` instead of retries and tracebacks."""
     local = Path(model_id).expanduser()
     if local.is_dir():
+        # Checked here: some transformers releases guess a model type from the folder's name instead.
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"cannot load the {role} from {model_id}: it holds no config.json")
         try:
             return cls.from_pretrained(str(local), **kwargs)
         except (OSError, ValueError, KeyError) as error:
