@@ -1,15 +1,20 @@
-"""One object with every setting of a run; the CLI builds it, the pipeline reads it."""
+"""One object with every setting of a run; the CLI builds it, the pipeline reads it.
+
+Nothing here imports torch (only resolving `--device auto` does), so that the command line checks its
+arguments in a blink, before any model library loads.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from capfilt.errors import ConfigError
-from capfilt.models.base import DecodingSettings
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Command(str, Enum):
@@ -21,6 +26,45 @@ class Command(str, Enum):
 class FilterMode(str, Enum):
     drop = "drop"
     annotate = "annotate"
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """How the captioner decodes. Lengths count tokens the way Hugging Face does: prompt included.
+
+    `repetition_penalty=None` means BLIP's own choice: 1.1 for nucleus sampling, 1.0 for beam search.
+    """
+
+    num_beams: int = 1
+    num_captions: int = 1
+    top_p: float = 0.9
+    max_length: int = 30
+    min_length: int = 10
+    repetition_penalty: float | None = None
+    prompt: str = "a picture of "
+    seed: int = 0
+
+    @property
+    def method(self) -> str:
+        return "beam" if self.num_beams > 1 else "nucleus"
+
+    @property
+    def effective_repetition_penalty(self) -> float:
+        if self.repetition_penalty is not None:
+            return self.repetition_penalty
+        return 1.0 if self.method == "beam" else 1.1
+
+    def record(self) -> dict:
+        """The settings written beside each synthetic caption."""
+        record = asdict(self)
+        record["method"] = self.method
+        record["repetition_penalty"] = self.effective_repetition_penalty
+        if self.method == "beam":
+            record.pop("top_p")
+            record.pop("seed")
+        else:
+            record.pop("num_beams")
+        return record
 
 
 @dataclass(frozen=True)
@@ -42,8 +86,30 @@ class FilterSettings:
         return True
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+# --dtype names and the torch dtype each one names.
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
+# The device types `torch.device` knows (its own error lists them), checked here without importing torch.
+DEVICE_PATTERN = re.compile(
+    r"(cpu|cuda|ipu|xpu|mkldnn|opengl|opencl|ideep|hip|ve|fpga|maia|xla|lazy|vulkan|mps|meta|hpu|mtia|privateuseone)"
+    r"(:\d+)?"
+)
+
+
+def __getattr__(name: str) -> Any:
+    """`DTYPES`, the torch dtype of each --dtype name, imports torch only when it is used."""
+    if name == "DTYPES":
+        import torch
+
+        return {alias: getattr(torch, dtype) for alias, dtype in DTYPE_NAMES.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def default_device() -> str:
+    """What `--device auto` runs on: the GPU when one is visible."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass(frozen=True)
@@ -59,6 +125,8 @@ class RunConfig:
     output_format: str | None = None
     caption_column: str | None = None
     image_column: str | None = None
+    # `auto` for either is resolved when the config is made: a GPU when one is visible, else the CPU; fp32 on
+    # the CPU, bf16 elsewhere.
     device: str = "cpu"
     dtype: str = "float32"
     batch_size: int = 32
@@ -90,23 +158,29 @@ class RunConfig:
             raise ConfigError("--ray-workers must be at least 1")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("--threads must be at least 1")
-        for device in (self.device, *self.devices):
-            try:
-                torch.device(device)
-            except RuntimeError:
+        named_devices = self.devices if self.device == "auto" else (self.device, *self.devices)
+        for device in named_devices:
+            if not DEVICE_PATTERN.fullmatch(device):
                 raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:1 ... (or a list for --devices)")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown --dtype {self.dtype}; choose one of {', '.join(DTYPES)}")
-        if self.device == "cpu" and DTYPES[self.dtype] == torch.float16:
-            raise ConfigError("--dtype fp16 is not supported on CPU; use fp32 or bf16")
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"unknown --dtype {self.dtype}; choose one of auto, {', '.join(DTYPE_NAMES)}")
         if self.decoding:
             _check_decoding(self.decoding)
         if self.filtering:
             _check_filtering(self.filtering)
+        # Last, since `auto` may import torch: every mistake above is reported without waiting for it.
+        device = default_device() if self.device == "auto" else self.device
+        dtype = ("float32" if device == "cpu" else "bfloat16") if self.dtype == "auto" else self.dtype
+        object.__setattr__(self, "device", device)  # frozen: set once, here
+        object.__setattr__(self, "dtype", dtype)
+        if self.device == "cpu" and DTYPE_NAMES[self.dtype] == "float16":
+            raise ConfigError("--dtype fp16 is not supported on CPU; use fp32 or bf16")
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        import torch
+
+        return getattr(torch, DTYPE_NAMES[self.dtype])
 
     def record(self) -> dict[str, Any]:
         """The settings written to `capfilt_run.json` in the output directory."""
