@@ -30,11 +30,7 @@ def resolve_input(
     order. Every path of a brace pattern must exist, and every glob must match something.
     """
     fmt = get_format(format_name) if format_name else None
-    try:
-        patterns = list(braceexpand(spec))
-    except ValueError:  # unbalanced braces: a literal path
-        patterns = [spec]
-    fs, paths = _to_fs(patterns, storage_options or {})
+    fs, paths = _to_fs(_patterns(spec), storage_options or {})
     if len(paths) == 1 and not _is_glob(paths[0]):
         fmt, shards = _single_path(fs, paths[0], spec, fmt)
     else:
@@ -45,20 +41,30 @@ def resolve_input(
     return fs, fmt, shards
 
 
-def resolve_output(spec: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
-    """The filesystem and folder path of the output `spec`, creating the folder."""
+def open_output(spec: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
+    """The filesystem and folder path of the output `spec`, which may not exist."""
     try:
         fs, path = fsspec.core.url_to_fs(spec, **(storage_options or {}))
     except (ValueError, ImportError) as error:
         raise OutputError(f"cannot open output {spec}: {error}") from error
+    return fs, path
+
+
+def resolve_output(spec: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
+    """The filesystem and folder path of the output `spec`, creating the folder."""
+    fs, path = open_output(spec, storage_options)
     if fs.isfile(path):
         raise OutputError(f"output {spec} is a file; give a folder for the output shards")
     fs.makedirs(path, exist_ok=True)
     return fs, path.rstrip("/")
 
 
-def check_output_apart(fs_in: AbstractFileSystem, shards: list[Shard], fs_out: AbstractFileSystem, output: str) -> None:
-    """Refuse an output folder that holds input shards: output shards of the same names would replace them."""
+def check_output_apart(
+    fs_in: AbstractFileSystem, shards: list[Shard], fs_out: AbstractFileSystem, output: str, input_spec: str | None = None
+) -> None:
+    """Refuse an output folder that holds input shards (output shards of the same names would replace them),
+    or lies inside an input shard or inside the folder given as input (a later run over that folder would read
+    the output as input). `input_spec` is the input as the user gave it."""
     if fs_in.protocol != fs_out.protocol:
         return
     output = output.rstrip("/")
@@ -66,6 +72,27 @@ def check_output_apart(fs_in: AbstractFileSystem, shards: list[Shard], fs_out: A
         path = shard.path.rstrip("/")
         if output in (path, posixpath.dirname(path)):
             raise OutputError(f"the output folder {output} holds the input shard {path}; write to another folder")
+        if output.startswith(f"{path}/"):
+            raise OutputError(f"the output folder {output} is inside the input shard {path}; write to another folder")
+    folder = _input_folder(fs_in, shards, input_spec)
+    if folder is not None and output.startswith(f"{folder}/"):
+        raise OutputError(f"the output folder {output} is inside the input folder {folder}; write to a folder outside it")
+
+
+def _input_folder(fs: AbstractFileSystem, shards: list[Shard], input_spec: str | None) -> str | None:
+    """The folder the input names, when it names one folder of shards (not a pattern, not a shard itself)."""
+    if input_spec is None or _is_glob(input_spec) or len(_patterns(input_spec)) > 1:
+        return None
+    folder = fs._strip_protocol(input_spec).rstrip("/")
+    return None if any(shard.path.rstrip("/") == folder for shard in shards) else folder
+
+
+def _patterns(spec: str) -> list[str]:
+    """The paths a brace pattern names, in its order; a spec without braces is itself."""
+    try:
+        return list(braceexpand(spec))
+    except ValueError:  # unbalanced braces: a literal path
+        return [spec]
 
 
 def _to_fs(patterns: list[str], storage_options: dict[str, Any]) -> tuple[AbstractFileSystem, list[str]]:
@@ -88,7 +115,9 @@ def _single_path(fs: AbstractFileSystem, path: str, spec: str, fmt: Format | Non
         return fmt, shards
     fmt = fmt or _format_of_file(path)
     if fmt is None:
-        raise InputError(f"input {spec} is not a shard ({_SUFFIXES}); name its format to read it anyway")
+        raise InputError(
+            f"input {spec} is not a shard ({_SUFFIXES}); name its format with --input-format to read it anyway"
+        )
     return fmt, [fmt.shard_from_path(path)]
 
 
@@ -113,7 +142,8 @@ def _format_of_matches(fs: AbstractFileSystem, matches: list[str], spec: str) ->
     for path in matches:
         fmt = _format_of_file(path) or (FORMATS["files"] if fs.isdir(path) else None)
         if fmt is None:
-            raise InputError(f"input {spec} matches {path}, which is not a shard ({_SUFFIXES}); narrow the pattern")
+            raise InputError(f"input {spec} matches {path}, which is not a shard ({_SUFFIXES}); narrow the pattern "
+                             "or name the format with --input-format")
         found[fmt.name] = fmt
     if len(found) > 1:
         raise InputError(f"input {spec} matches shards of several formats ({', '.join(found)}); narrow the pattern")

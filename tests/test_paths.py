@@ -9,7 +9,8 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from capfilt.errors import InputError, OutputError
-from capfilt.paths import resolve_input, resolve_output
+from capfilt.formats import FORMATS
+from capfilt.paths import check_output_apart, resolve_input, resolve_output
 from tests.datasets import (
     encode_image,
     make_image,
@@ -115,8 +116,8 @@ def test_format_name_skips_detection(tmp_path: Path) -> None:
         ("{tmp}/*.tar", "nothing matches"),
         ("{tmp}/{{00000..00002}}.parquet", "nothing matches .*00000.parquet \\(and 2 more\\)"),
         ("{tmp}", "no dataset recognised .*found docs, notes.txt"),
-        ("{tmp}/*", "notes.txt, which is not a shard"),
-        ("{tmp}/notes.txt", "is not a shard"),
+        ("{tmp}/*", "notes.txt, which is not a shard .*--input-format"),
+        ("{tmp}/notes.txt", "is not a shard .*name its format with --input-format"),
     ],
 )
 def test_mistakes_are_clear_input_errors(tmp_path: Path, spec: str, message: str) -> None:
@@ -154,3 +155,68 @@ def test_resolve_output_refuses_a_file(tmp_path: Path) -> None:
     (tmp_path / "out.tar").write_bytes(b"")
     with pytest.raises(OutputError, match="is a file"):
         resolve_output(str(tmp_path / "out.tar"))
+
+
+@pytest.mark.parametrize(
+    "input_spec, output, message",
+    [
+        ("{tmp}/in", "{tmp}/in", "holds the input shard"),
+        ("{tmp}/in", "{tmp}/in/out", "inside the input folder"),
+        ("{tmp}/in/", "{tmp}/in/a/b", "inside the input folder"),
+        ("{tmp}/in/00000", "{tmp}/in/00000/out", "inside the input shard"),
+    ],
+)
+def test_an_output_in_or_inside_the_input_is_refused(tmp_path: Path, input_spec: str, output: str,
+                                                     message: str) -> None:
+    write_files_dataset(tmp_path / "in", make_items(2), samples_per_shard=1)
+    spec = input_spec.format(tmp=tmp_path)
+    fs, _, shards = resolve_input(spec)
+    with pytest.raises(OutputError, match=message):
+        check_output_apart(fs, shards, fs, output.format(tmp=tmp_path), spec)
+
+
+@pytest.mark.parametrize("input_spec", ["{tmp}/in/00000.tar", "{tmp}/in/*.tar", "{tmp}/in/{{00000..00001}}.tar"])
+def test_an_output_beside_shards_named_one_by_one_is_allowed(tmp_path: Path, input_spec: str) -> None:
+    """Only a folder given as input is read whole again later; shards named by path or pattern are not."""
+    write_webdataset_shards(tmp_path / "in", make_items(2), samples_per_shard=1)
+    spec = input_spec.format(tmp=tmp_path)
+    fs, _, shards = resolve_input(spec)
+    check_output_apart(fs, shards, fs, str(tmp_path / "in" / "out"), spec)
+
+
+def test_shards_tell_their_sample_count_without_being_read(tmp_path: Path) -> None:
+    items = make_items(5)
+    items[1] = (items[1][0], None, items[1][2], None)  # a failed download: not in tars or folders
+    write_webdataset_shards(tmp_path / "wds", items, samples_per_shard=3)
+    write_files_dataset(tmp_path / "files", items, samples_per_shard=3)
+    write_parquet_shards(tmp_path / "parquet", items, samples_per_shard=3)  # failed rows kept, image null
+    write_hf_parquet(tmp_path / "hf", items)
+    expected = {"wds": [2, 2], "files": [2, 2], "parquet": [3, 2], "hf": [5]}
+    for folder, counts in expected.items():
+        fs, fmt, shards = resolve_input(str(tmp_path / folder))
+        assert [fmt.expected_samples(fs, shard) for shard in shards] == counts, folder
+        samples = [sum(1 for _ in fmt.read_shard(fs, shard, None)) for shard in shards]
+        assert samples == counts, folder  # what the reader yields, rejects included: the progress bar's count
+
+
+def test_a_shard_without_a_count_beside_it_tells_none(tmp_path: Path) -> None:
+    write_webdataset_shards(tmp_path / "bare", make_items(2), metadata_files=False)
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "tabby.jpg").write_bytes(encode_image(make_image()))
+    write_webdataset_shards(tmp_path / "broken", make_items(2))
+    (tmp_path / "broken" / "00000_stats.json").write_text("{not json")
+    for folder in ("bare", "cats", "broken"):
+        fs, fmt, shards = resolve_input(str(tmp_path / folder))
+        assert fmt.expected_samples(fs, shards[0]) is None, folder
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    fs, _, [shard] = resolve_input(str(tmp_path / "bad.parquet"))
+    assert FORMATS["parquet"].expected_samples(fs, shard) is None
+
+
+def test_a_capfilt_output_read_as_input_tells_what_it_wrote(tmp_path: Path) -> None:
+    write_webdataset_shards(tmp_path, make_items(3), metadata_files=False)
+    (tmp_path / "00000_stats.json").write_text('{"shard": "00000", "read": 4, "written": 3, "error": null}')
+    fs, fmt, [shard] = resolve_input(str(tmp_path / "00000.tar"))
+    assert fmt.expected_samples(fs, shard) == 3
+    (tmp_path / "00000_stats.json").write_text('{"shard": "00000", "read": 4, "written": 3, "error": "truncated"}')
+    assert fmt.expected_samples(fs, shard) is None
