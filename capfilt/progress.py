@@ -1,44 +1,92 @@
-"""Rich progress bar (shards, samples, images/s) and the run's summary table."""
+"""Rich progress bar (shards, samples, images/s, time left) and the tables of `capfilt show` and the summary."""
 
 from __future__ import annotations
 
+import threading
 import time
+from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from capfilt.observer import Observer
-from capfilt.sample import Sample
+from capfilt.sample import Reject, Sample
 from capfilt.stats import RunSummary, ShardStats
+
+if TYPE_CHECKING:
+    from capfilt.formats.base import Shard
+    from capfilt.worker import Locations
+
+
+class SamplesTimeRemaining(TimeRemainingColumn):
+    """Time left, on the samples row only: the shards row jumps at once by the shards a resumed run skips."""
+
+    def render(self, task: Task) -> Text:
+        return super().render(task) if task.fields.get("eta") else Text("")
 
 
 class RichProgress(Observer):
-    def __init__(self, console: Console) -> None:
+    """Shows a run's progress on `console`; with `debug`, the traceback of each shard that fails."""
+
+    def __init__(self, console: Console, debug: bool = False) -> None:
         self.console = console
+        self.debug = debug
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
+            SamplesTimeRemaining(),
             console=console,
             transient=False,
         )
-        self.samples = 0
+        self.samples = 0  # processed by this run, not counting the shards a resumed run skips
         self.started = time.perf_counter()
+        self._stopped = threading.Event()
 
-    def __enter__(self) -> RichProgress:
+    def __enter__(self) -> RichProgress:  # noqa: PYI034  # typing.Self needs Python 3.11
         self.progress.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self._stopped.set()
         self.progress.stop()
 
     def run_started(self, total_shards: int) -> None:
         self.started = time.perf_counter()
         self.shard_task = self.progress.add_task("shards", total=total_shards, rate="")
-        self.sample_task = self.progress.add_task("samples", total=None, rate="")
+        self.sample_task = self.progress.add_task("samples", total=None, rate="", eta=True)
+
+    def run_planned(self, complete: int, pending: list[Shard], locations: Locations) -> None:
+        if not pending:
+            self.console.print(f"nothing to do: {_shards(complete)} already complete")
+            self.progress.update(self.sample_task, visible=False)
+            return
+        if complete:
+            self.console.print(f"resuming: {_shards(complete)} already complete, {len(pending)} to do")
+        # Counting may take a request per shard on object storage: the run does not wait for it.
+        threading.Thread(target=self._count_samples, args=(pending, locations), daemon=True).start()
+
+    def _count_samples(self, pending: list[Shard], locations: Locations) -> None:
+        """Give the samples row a total (and so a time left) when every pending shard tells its count."""
+        total = 0
+        for shard in pending:
+            count = None if self._stopped.is_set() else locations.input_format.expected_samples(locations.fs_in, shard)
+            if count is None:
+                return
+            total += count
+        self.progress.update(self.sample_task, total=total)
 
     def shard_started(self, shard_name: str) -> None:
         self.progress.update(self.shard_task, description=f"shards ({shard_name})")
@@ -54,14 +102,24 @@ class RichProgress(Observer):
     def shard_finished(self, stats: ShardStats) -> None:
         self.progress.advance(self.shard_task)
         if stats.error:
-            self.console.print(f"[yellow]shard {stats.shard}: {stats.error}")
+            self.console.print(f"shard {stats.shard}: {stats.error}", style="yellow", markup=False, highlight=False)
+            traceback = getattr(stats, "traceback", None)
+            if self.debug and traceback:
+                self.console.print(traceback.rstrip(), markup=False, highlight=False)
 
 
-def summary_table(summary: RunSummary) -> Table:
+def _shards(count: int) -> str:
+    return f"{count} shard{'' if count == 1 else 's'}"
+
+
+def summary_table(summary: RunSummary, samples_this_run: int | None = None) -> Table:
+    """The run's totals. `samples_this_run`, when given, is what this process did in `summary.seconds` (a
+    resumed run counts the shards it skipped in the totals, not in its speed); otherwise the speed is that of
+    every shard's own time."""
     table = Table(title="capfilt summary", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")
-    rate = summary.read / summary.seconds if summary.seconds else 0.0
+    done = summary.read if samples_this_run is None else samples_this_run
     rows = [
         ("shards", summary.shards),
         ("read", summary.read),
@@ -71,32 +129,60 @@ def summary_table(summary: RunSummary) -> Table:
         ("synthetic captions added", summary.synthetic_captions_added),
         ("captions scored / kept", f"{summary.captions_scored} / {summary.captions_kept}"),
         ("web captions kept", summary.web_captions_kept),
-        ("seconds (images/s)", f"{summary.seconds:.1f} ({rate:.1f})"),
     ]
+    if done:  # a rerun of a finished job did nothing: no speed to tell
+        rate = done / summary.seconds if summary.seconds else 0.0
+        rows.append(("seconds (images/s)", f"{summary.seconds:.1f} ({rate:.1f})"))
     rows += [(f"  rejected: {reason}", count) for reason, count in summary.reject_reasons.items()]
     for kind, quantiles in summary.score_quantiles.items():
         rows.append((f"{kind.upper()} score quantiles", "  ".join(f"{q} {v:.3f}" for q, v in quantiles.items())))
     rows += [(f"  failed shard {name}", error) for name, error in summary.failed_shards.items()]
     for what, value in rows:
-        table.add_row(what, str(value))
+        table.add_row(what, Text(str(value)))
     return table
 
 
-def samples_table(samples: list[Sample], dropped: list[Sample], title: str) -> Table:
-    """Each sample's captions with their scores and the filter's decision, written and dropped alike."""
+def samples_table(samples: list[Sample], dropped: list[Sample], title: str, label: str = "written") -> Table:
+    """Each sample's captions with their scores and the filter's decision, `label`led (written, or input for
+    the samples of a dataset no run wrote) and dropped alike; a column no caption has a value for is left out."""
+    outcomes = [(s, f"[green]{label}") for s in samples] + [(s, "[red]dropped") for s in dropped]
+    captions = [caption for sample, _ in outcomes for caption in sample.captions()]
+    columns = {
+        "ITM": any(caption.itm_score is not None for caption in captions),
+        "ITC": any(caption.itc_score is not None for caption in captions),
+        "caption kept": any(caption.kept is not None for caption in captions),
+    }
     table = Table(title=title)
-    for column in ("sample", "caption", "ITM", "ITC", "caption kept"):
-        table.add_column(column, justify="right" if column in ("ITM", "ITC") else "left")
-    outcomes = [(s, "[green]written") for s in samples] + [(s, "[red]dropped") for s in dropped]
+    table.add_column("sample")
+    table.add_column("caption")
+    for column, shown in columns.items():
+        if shown:
+            table.add_column(column, justify="left" if column == "caption kept" else "right")
     for sample, outcome in outcomes:
-        captions = sample.captions()
-        for index, caption in enumerate(captions):
+        sample_captions = sample.captions()
+        if not sample_captions:
+            table.add_row(Text(sample.key) + Text.from_markup(f"\n{outcome}"), Text("(no caption)", style="dim"),
+                          end_section=True)
+        for index, caption in enumerate(sample_captions):
+            values = {
+                "ITM": "" if caption.itm_score is None else f"{caption.itm_score:.3f}",
+                "ITC": "" if caption.itc_score is None else f"{caption.itc_score:.3f}",
+                "caption kept": {True: "[green]yes", False: "[red]no", None: ""}[caption.kept],
+            }
             table.add_row(
-                f"{sample.key}\n{outcome}" if index == 0 else "",
-                f"[dim]{caption.source}:[/] {caption.text}",
-                "" if caption.itm_score is None else f"{caption.itm_score:.3f}",
-                "" if caption.itc_score is None else f"{caption.itc_score:.3f}",
-                {True: "[green]yes", False: "[red]no", None: ""}[caption.kept],
-                end_section=index == len(captions) - 1,
+                Text(sample.key) + Text.from_markup(f"\n{outcome}") if index == 0 else "",
+                Text(f"{caption.source}: ", style="dim") + Text(caption.text),
+                *(value for column, value in values.items() if columns[column]),
+                end_section=index == len(sample_captions) - 1,
             )
+    return table
+
+
+def rejects_table(rejects: list[Reject], title: str) -> Table:
+    """The samples that could not be processed: key, reason and detail."""
+    table = Table(title=title)
+    for column in ("sample", "reason", "detail"):
+        table.add_column(column)
+    for reject in rejects:
+        table.add_row(Text(reject.key), Text(reject.reason), Text(reject.detail))
     return table
