@@ -17,11 +17,12 @@ import time
 
 from capfilt import __version__
 from capfilt.config import RunConfig
-from capfilt.errors import OutputError, RunError
+from capfilt.errors import RunError
 from capfilt.formats import get_format
 from capfilt.formats.base import Shard
+from capfilt.inspect import summarize  # noqa: F401  (re-exported; `capfilt summary` runs it without the runners)
 from capfilt.observer import Observer
-from capfilt.output import RUN_FILE, SUMMARY_FILE, OutputDirectory
+from capfilt.output import SUMMARY_FILE, OutputDirectory
 from capfilt.paths import check_output_apart, resolve_input, resolve_output
 from capfilt.runners import make_runner
 from capfilt.stats import RunSummary, ShardStats
@@ -33,7 +34,7 @@ def resolve(config: RunConfig) -> Locations:
     fs_in, input_format, shards = resolve_input(config.input, config.input_format, config.storage_options)
     output_format = get_format(config.output_format or input_format.name)
     fs_out, output_dir = resolve_output(config.output, config.storage_options)
-    check_output_apart(fs_in, shards, fs_out, output_dir)
+    check_output_apart(fs_in, shards, fs_out, output_dir, config.input)
     return Locations(fs_in, input_format, shards, fs_out, output_dir, output_format)
 
 
@@ -95,6 +96,7 @@ class Pipeline:
                 else:
                     done[shard.name] = stats
                     self.observer.shard_finished(stats)
+            self.observer.run_planned(len(done), pending, self.locations)
             streak = FailureStreak()
             for stats in self.runner.run(pending):
                 done[stats.shard] = stats
@@ -114,27 +116,6 @@ class Pipeline:
             self.runner.close()
             self.output.unlock()
         return summary
-
-
-def summarize(output: str, storage_options: dict | None = None) -> tuple[RunSummary, list[str]]:
-    """Merge the stats of every shard of the run recorded in `output` into its run summary, written beside
-    them; returns it with the names of shards not complete yet (then no summary is written). Its `seconds`
-    is the shards' own time added up, not a wall time."""
-    fs_out, output_dir = resolve_output(output, storage_options)
-    run_file = f"{output_dir}/{RUN_FILE}"
-    if not fs_out.exists(run_file):
-        raise OutputError(f"{output} holds no capfilt run ({RUN_FILE} is missing)")
-    settings = json.loads(fs_out.cat_file(run_file))
-    _, input_format, shards = resolve_input(settings["input"], settings.get("input_format"), storage_options)
-    output_format = get_format(settings.get("output_format") or input_format.name)
-    directory = OutputDirectory(fs_out, output_dir, output_format)
-    done = {shard.name: directory.shard_stats(shard) for shard in shards}
-    missing = [name for name, stats in done.items() if stats is None]
-    finished = [stats for stats in done.values() if stats is not None]
-    summary = RunSummary.merge(finished, sum(stats.seconds for stats in finished))
-    if not missing:
-        directory.write_json(directory.file(SUMMARY_FILE), summary.record())
-    return summary, missing
 
 
 def run(config: RunConfig, observer: Observer | None = None) -> RunSummary:

@@ -6,49 +6,13 @@ A new model family (BLIP-2, CLIP, ...) is one module implementing these, registe
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
-
-@dataclass(frozen=True)
-class DecodingSettings:
-    """How the captioner decodes. Lengths count tokens the way Hugging Face does: prompt included.
-
-    `repetition_penalty=None` means BLIP's own choice: 1.1 for nucleus sampling, 1.0 for beam search.
-    """
-
-    num_beams: int = 1
-    num_captions: int = 1
-    top_p: float = 0.9
-    max_length: int = 30
-    min_length: int = 10
-    repetition_penalty: float | None = None
-    prompt: str = "a picture of "
-    seed: int = 0
-
-    @property
-    def method(self) -> str:
-        return "beam" if self.num_beams > 1 else "nucleus"
-
-    @property
-    def effective_repetition_penalty(self) -> float:
-        if self.repetition_penalty is not None:
-            return self.repetition_penalty
-        return 1.0 if self.method == "beam" else 1.1
-
-    def record(self) -> dict:
-        """The settings written beside each synthetic caption."""
-        record = asdict(self)
-        record["method"] = self.method
-        record["repetition_penalty"] = self.effective_repetition_penalty
-        if self.method == "beam":
-            record.pop("top_p")
-            record.pop("seed")
-        else:
-            record.pop("num_beams")
-        return record
+# Defined with the run's other settings, which must not import torch; models take it from here.
+from capfilt.config import DecodingSettings
 
 
 @dataclass(frozen=True)
