@@ -8,9 +8,10 @@ as exactly one of: written, dropped by the filter (`Batch.dropped`), or a `Rejec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # only a type here: reading shards (capfilt show) must not wait for torch
+    import torch
 
 
 @dataclass

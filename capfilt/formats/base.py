@@ -6,6 +6,8 @@ of work: one input shard gives one output shard of the same name.
 
 from __future__ import annotations
 
+import json
+import posixpath
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -107,6 +109,19 @@ def restore_fields(sample: Sample) -> str | None:
         if not all(_is_score(score) for score in (itm, itc)) or not isinstance(kept, (bool, type(None))):
             return f"caption {name} has scores or a decision of the wrong type"
     return None
+
+
+def samples_in_stats(fs: AbstractFileSystem, path: str) -> int | None:
+    """The sample count in a shard's stats file: img2dataset's `successes` (the samples its shard holds), or
+    `written` by a capfilt run that finished the shard; None when the file is missing or says neither."""
+    try:
+        stats = json.loads(fs.cat_file(path))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stats, dict):
+        return None
+    count = stats.get("successes", None if stats.get("error") else stats.get("written"))
+    return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
 
 
 def _is_score(value: object) -> bool:
@@ -225,6 +240,12 @@ class Format(ABC):
     ) -> TableLayout | None:
         """The shard's Parquet layout, to give `open_writer` of a Parquet output; None for other formats."""
         return None
+
+    def expected_samples(self, fs: AbstractFileSystem, shard: Shard) -> int | None:
+        """How many samples the shard holds, when that is known without reading it (for a progress bar's
+        total), else None: here from the `NAME_stats.json` beside it, as img2dataset and capfilt write it."""
+        folder = posixpath.dirname(shard.path.rstrip("/"))
+        return samples_in_stats(fs, posixpath.join(folder, f"{shard.name}_stats.json"))
 
     @abstractmethod
     def open_writer(

@@ -81,6 +81,14 @@ class ParquetFormat(Format):
             raise ShardReadError(f"cannot read {shard.path} as Parquet: {error}") from error
         return layout_of(schema, shard.path, caption_column, image_column)
 
+    def expected_samples(self, fs: AbstractFileSystem, shard: Shard) -> int | None:
+        """The row count in the file's footer: one read of the footer, none of the data."""
+        try:
+            with fs.open(shard.path, "rb") as file:
+                return pq.ParquetFile(file).metadata.num_rows
+        except (pa.ArrowException, OSError):
+            return None
+
     def read_samples(
         self, fs: AbstractFileSystem, shard: Shard, caption_column: str | None, image_column: str | None
     ) -> Iterator[Sample | Reject]:
