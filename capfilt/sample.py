@@ -20,7 +20,7 @@ class Caption:
 
     `source` is "web" for the caption that came with the image, "synthetic" for one the captioner wrote.
     Synthetic captions carry the captioner's model id and decoding settings, so that captions added by several
-    runs stay distinguishable.
+    runs stay distinguishable, and `count`: how many of the captions asked of the captioner were this text.
     """
 
     text: str
@@ -30,11 +30,13 @@ class Caption:
     kept: bool | None = None
     captioner: str | None = None
     decoding: dict[str, Any] | None = None
+    count: int = 1
 
     def synthetic_record(self) -> dict[str, Any]:
         """The documented JSON form of a synthetic caption (`synthetic_captions[i]`)."""
         return {
             "text": self.text,
+            "count": self.count,
             "itm_score": self.itm_score,
             "itc_score": self.itc_score,
             "kept": self.kept,
@@ -52,6 +54,7 @@ class Caption:
             kept=record.get("kept"),
             captioner=record.get("captioner"),
             decoding=record.get("decoding"),
+            count=record.get("count", 1),  # outputs written before captions were counted hold each text once
         )
 
 
@@ -77,6 +80,8 @@ class Sample:
     web_itc_score: float | None = None
     web_kept: bool | None = None
     pixels: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Set by an annotate-mode filter, which drops no caption: `kept_captions` then lists every caption.
+    keeps_every_caption: bool = False
 
     def captions(self) -> list[Caption]:
         """All captions of the sample, web first, as the filter scores them."""

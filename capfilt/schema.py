@@ -1,7 +1,12 @@
-"""The documented names under which capfilt writes captions and scores (README: "Output schema").
+"""The documented names under which capfilt writes captions and scores (README: "Schema").
 
-Webdataset and files outputs put these fields in each sample's `.json`; Parquet outputs put them in columns
-of the same names. Reading them back (a `caption` run's output fed to `filter`) restores the same `Sample`.
+Webdataset and files outputs put these fields in each sample's `.json` and the primary caption in `.txt`;
+Parquet outputs put them in columns of the same names and the primary caption in `primary_caption`. Reading
+them back (a `caption` run's output fed to `filter`) restores the same `Sample`.
+
+Loaders that infer types from the first samples (Hugging Face `datasets` reads five) need each field to have
+the same JSON type in every sample: `kept_captions` is never empty in a written sample, and every other field
+is null or empty in all samples of a run or in none, except where the input itself has no caption.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ WEB_KEPT = "web_kept"
 SYNTHETIC = "synthetic_captions"
 KEPT = "kept_captions"
 CAPFILT_FIELDS = (WEB_CAPTION, WEB_ITM, WEB_ITC, WEB_KEPT, SYNTHETIC, KEPT)
+# Parquet only: what `.txt` holds in the other formats, beside the input's caption column kept as it came.
+PRIMARY = "primary_caption"
 
 # Parquet type of each field; `decoding` is a JSON string so that runs with other settings share one schema.
 SYNTHETIC_TYPE = pa.struct(
     [
         ("text", pa.string()),
+        ("count", pa.int64()),
         ("itm_score", pa.float64()),
         ("itc_score", pa.float64()),
         ("kept", pa.bool_()),
@@ -34,6 +42,7 @@ SYNTHETIC_TYPE = pa.struct(
 )
 ARROW_FIELDS = pa.schema(
     [
+        (PRIMARY, pa.string()),
         (WEB_CAPTION, pa.string()),
         (WEB_ITM, pa.float64()),
         (WEB_ITC, pa.float64()),
@@ -45,23 +54,28 @@ ARROW_FIELDS = pa.schema(
 
 
 def kept_captions(sample: Sample) -> list[str]:
-    """Captions that passed the filter, best score first; all captions when nothing was scored."""
-    captions = sample.captions()
-    if not any(c.kept is not None for c in captions):
-        return [c.text for c in captions]
-    kept = [c for c in captions if c.kept]
-    return [c.text for c in sorted(kept, key=_score_of, reverse=True)]
+    """The captions the output keeps, each text once: those that passed the filter (best score first), then
+    those no filter judged (in their order, web first); every caption when the filter drops none (annotate
+    mode). Never empty for a written sample, so that its JSON type is the same in every sample."""
+    captions = [c for c in sample.captions() if sample.keeps_every_caption or c.kept is not False]
+    scored = sorted((c for c in captions if _is_scored(c)), key=_score_of, reverse=True)
+    return list(dict.fromkeys(c.text for c in scored + [c for c in captions if not _is_scored(c)]))
 
 
 def primary_caption(sample: Sample) -> str | None:
-    """The caption a `(jpg, txt)` loader sees: the best kept caption, else the web caption, else the first
-    synthetic one (a `caption` run without filter keeps the web caption in `.txt`)."""
+    """The caption a `(jpg, txt)` loader sees: the first kept caption (the best one, or the web caption when
+    nothing was scored); for a sample none of whose captions is kept, the web caption, else the first
+    synthetic one."""
     kept = kept_captions(sample)
-    if kept and any(c.kept is not None for c in sample.captions()):
+    if kept:
         return kept[0]
     if sample.web_caption is not None:
         return sample.web_caption
     return sample.synthetic_captions[0].text if sample.synthetic_captions else None
+
+
+def _is_scored(caption: Caption) -> bool:
+    return caption.itm_score is not None or caption.itc_score is not None
 
 
 def _score_of(caption: Caption) -> float:
@@ -81,8 +95,8 @@ def capfilt_fields(sample: Sample) -> dict[str, Any]:
 
 
 def arrow_fields(sample: Sample) -> dict[str, Any]:
-    """`capfilt_fields` shaped for `ARROW_FIELDS` (decoding settings as a JSON string)."""
-    fields = capfilt_fields(sample)
+    """`capfilt_fields` shaped for `ARROW_FIELDS` (decoding settings as a JSON string), with the primary caption."""
+    fields = {PRIMARY: primary_caption(sample), **capfilt_fields(sample)}
     fields[SYNTHETIC] = [
         {**record, "decoding": json.dumps(record["decoding"], sort_keys=True) if record["decoding"] else None}
         for record in fields[SYNTHETIC]
@@ -105,7 +119,7 @@ def restore_capfilt_fields(sample: Sample) -> None:
         if isinstance(decoding, str):
             record = {**record, "decoding": json.loads(decoding)}
         sample.synthetic_captions.append(Caption.from_synthetic_record(record))
-    for name in CAPFILT_FIELDS:
+    for name in ARROW_FIELDS.names:  # the JSON fields and Parquet's `primary_caption`, rewritten on output
         meta.pop(name, None)
 
 

@@ -6,6 +6,7 @@ caption, filter and bootstrap are the same pipeline with steps left out: decode 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -73,7 +74,8 @@ def stack_pixels(samples: list[Sample], model: ImageModel) -> torch.Tensor:
 
 
 class CaptionStage(Stage):
-    """Adds `num_captions` synthetic captions to every sample."""
+    """Adds `num_captions` synthetic captions to every sample, each distinct text once with its count (sampling
+    often gives one text several times), so that the filter scores it once and no loader sees it twice."""
 
     name = "caption"
 
@@ -87,17 +89,22 @@ class CaptionStage(Stage):
         pixels = stack_pixels(batch.samples, self.captioner)
         captions = self.captioner.caption_pixels(pixels, [s.key for s in batch.samples])
         for sample, texts in zip(batch.samples, captions):
-            for text in texts:
+            counts = Counter(texts)  # in the order the captioner gave them
+            for text, count in counts.items():
                 sample.synthetic_captions.append(
-                    Caption(text, "synthetic", captioner=self.captioner.model_id, decoding=dict(self.decoding))
+                    Caption(
+                        text, "synthetic", captioner=self.captioner.model_id, decoding=dict(self.decoding), count=count
+                    )
                 )
-            stats.synthetic_captions_added += len(texts)
+            stats.synthetic_captions_added += len(counts)
+            stats.duplicate_captions += len(texts) - len(counts)
         return batch
 
 
 class FilterStage(Stage):
     """Scores every caption, web and synthetic, marks which pass, and drops images with no passing caption
-    (in `drop` mode). An image with no caption at all cannot be filtered and is rejected."""
+    (in `drop` mode). An image with no caption at all cannot be filtered and is rejected. A text an image has
+    twice (a synthetic caption equal to the web caption) is scored once."""
 
     name = "filter"
 
@@ -115,7 +122,7 @@ class FilterStage(Stage):
                 result.rejects.append(Reject(sample.key, "missing_caption", "no web or synthetic caption to filter"))
         if not scorable:
             return result
-        texts = [[c.text for c in s.captions()] for s in scorable]
+        texts = [list(dict.fromkeys(c.text for c in s.captions())) for s in scorable]
         scores = self.filter.score_pixels(
             stack_pixels(scorable, self.filter), texts, self.settings.itm, self.settings.itc
         )
@@ -123,24 +130,24 @@ class FilterStage(Stage):
             values = [getattr(score, kind) for pairs in scores for score in pairs if getattr(score, kind) is not None]
             if values:
                 stats.add_scores(kind, values)
-        for sample, sample_scores in zip(scorable, scores):
-            self._apply(sample, sample_scores, stats)
+        for sample, sample_texts, sample_scores in zip(scorable, texts, scores):
+            self._apply(sample, dict(zip(sample_texts, sample_scores)), stats)
+            sample.keeps_every_caption = self.settings.mode is FilterMode.annotate
             if self.settings.mode is FilterMode.drop and not any(c.kept for c in sample.captions()):
                 result.dropped.append(sample)
             else:
                 result.samples.append(sample)
         return result
 
-    def _apply(self, sample: Sample, sample_scores: list[CaptionScores], stats: ShardStats) -> None:
-        offset = 0
+    def _apply(self, sample: Sample, scores_by_text: dict[str, CaptionScores], stats: ShardStats) -> None:
         if sample.web_caption is not None:
-            web = sample_scores[0]
+            web = scores_by_text[sample.web_caption]
             kept = self.settings.passes(web.itm, web.itc)
             sample.set_web_scores(web.itm, web.itc, kept)
             stats.web_captions_kept += kept
-            offset = 1
-        for caption, score in zip(sample.synthetic_captions, sample_scores[offset:]):
+        for caption in sample.synthetic_captions:
+            score = scores_by_text[caption.text]
             caption.itm_score, caption.itc_score = score.itm, score.itc
             caption.kept = self.settings.passes(score.itm, score.itc)
-        stats.captions_scored += len(sample_scores)
-        stats.captions_kept += sum(bool(c.kept) for c in sample.captions())
+        stats.captions_scored += len(scores_by_text)
+        stats.captions_kept += len({c.text for c in sample.captions() if c.kept})

@@ -26,7 +26,8 @@ class Counts:
     dropped: int = 0
     rejected: int = 0
     reject_reasons: dict[str, int] = field(default_factory=dict)
-    synthetic_captions_added: int = 0
+    synthetic_captions_added: int = 0  # distinct texts per image
+    duplicate_captions: int = 0  # synthetic captions that repeated one the captioner had given the image
     captions_scored: int = 0
     captions_kept: int = 0
     web_captions_kept: int = 0

@@ -19,7 +19,7 @@ from capfilt.errors import ShardReadError
 from capfilt.formats import FORMATS, Format, Shard
 from capfilt.formats.files import group_files
 from capfilt.sample import Caption, Reject, Sample
-from capfilt.schema import ARROW_FIELDS, CAPFILT_FIELDS
+from capfilt.schema import ARROW_FIELDS, CAPFILT_FIELDS, kept_captions, primary_caption
 from tests.datasets import (
     encode_image,
     img2dataset_metadata,
@@ -88,7 +88,7 @@ def scored_samples() -> list[Sample]:
         extra_members={"cls": b"3", "seg.png": PNG},
         synthetic_captions=[
             Caption(
-                "a cup of coffee", "synthetic", 0.91, 0.33, True, "blip-base", {"num_beams": 3, "max_new_tokens": 20}
+                "a cup of coffee", "synthetic", 0.91, 0.33, True, "blip-base", {"num_beams": 3, "max_new_tokens": 20}, 2
             ),
             Caption("a table", "synthetic", 0.12, 0.05, False, "blip-base", {"top_p": 0.9}),
         ],
@@ -200,7 +200,35 @@ def test_webdataset_json_has_metadata_first_then_capfilt_fields(tmp_path: Path) 
     assert list(record) == ["url", "width", "nested", "ok", *CAPFILT_FIELDS]
     assert record["kept_captions"] == ["a cup of coffee"] and record["web_kept"] is False
     assert record["synthetic_captions"][0]["decoding"] == {"num_beams": 3, "max_new_tokens": 20}
+    assert record["synthetic_captions"][0]["count"] == 2 and record["synthetic_captions"][1]["count"] == 1
     assert "Café au lait ☕".encode() in raw  # UTF-8, not \u escapes
+
+
+def test_a_synthetic_caption_count_that_is_not_a_positive_integer_is_a_bad_json_reject(tmp_path: Path) -> None:
+    path = tmp_path / "00000.tar"
+    with webdataset.TarWriter(str(path)) as tar:
+        for key, count in (("a", 0), ("b", True), ("c", "2"), ("d", 2)):
+            record = {"synthetic_captions": [{"text": "a dog", "count": count}]}
+            tar.write({"__key__": key, "jpg": JPG, "json": json.dumps(record).encode()})
+    *rejects, sample = read(FORMATS["webdataset"], path)
+    assert [(r.key, r.reason) for r in rejects if isinstance(r, Reject)] == [(key, "bad_json") for key in "abc"]
+    assert isinstance(sample, Sample) and sample.synthetic_captions[0].count == 2
+
+
+def test_kept_captions_hold_each_text_once_best_first() -> None:
+    sample = Sample("k", JPG, "jpg", "a dog on grass")
+    sample.set_web_scores(0.6, None, True)
+    sample.synthetic_captions = [
+        Caption("a dog on grass", "synthetic", 0.6, None, True, "blip", None, 2),  # the web caption again
+        Caption("a brown dog", "synthetic", 0.9, None, True, "blip", None),
+        Caption("a cat", "synthetic", 0.1, None, False, "blip", None),
+    ]
+    assert kept_captions(sample) == ["a brown dog", "a dog on grass"] and primary_caption(sample) == "a brown dog"
+    sample.keeps_every_caption = True  # annotate mode: the output drops no caption, the verdicts stay in `kept`
+    assert kept_captions(sample) == ["a brown dog", "a dog on grass", "a cat"]
+    sample.keeps_every_caption = False
+    sample.synthetic_captions.append(Caption("a puppy", "synthetic"))  # a later caption run: not judged yet
+    assert kept_captions(sample) == ["a brown dog", "a dog on grass", "a puppy"]
 
 
 def test_webdataset_output_is_byte_identical_for_the_same_input(tmp_path: Path) -> None:
@@ -335,7 +363,8 @@ def test_parquet_output_keeps_input_columns_and_types(tmp_path: Path) -> None:
     for field in source.schema:
         assert output.schema.field(field.name).type == field.type
     assert output.column("jpg").to_pylist() == source.column("jpg").to_pylist()
-    assert output.column("caption").to_pylist() == ["a red thing", "a photo number 1", "a photo number 2"]
+    assert output.column("caption").to_pylist() == source.column("caption").to_pylist()  # as it came in
+    assert output.column("primary_caption").to_pylist() == ["a red thing", "a photo number 1", "a photo number 2"]
     assert output.column("web_caption").to_pylist()[0] == "a photo number 0"
     assert output.column("kept_captions").to_pylist()[0] == ["a red thing"]
     assert output.column("synthetic_captions").to_pylist()[0][0]["decoding"] == '{"beams": 3}'
@@ -364,6 +393,25 @@ def test_hugging_face_parquet_round_trips_with_its_image_struct_and_features(tmp
     assert [view(s) for s in read(fmt, tmp_path / "out" / path.name)] == [view(s) for s in samples]
 
 
+def test_parquet_caption_column_is_written_back_as_it_came_and_never_added(tmp_path: Path) -> None:
+    fmt = FORMATS["parquet"]
+    binary = pa.table({"jpg": [JPG, JPG], "caption": pa.array([b"caf\xc3\xa9", None], pa.binary())})
+    uncaptioned = pa.table({"jpg": [JPG, JPG], "id": [1, 2]})
+    for name, table in (("binary", binary), ("uncaptioned", uncaptioned)):
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+        shard = fmt.shard_from_path(str(tmp_path / f"{name}.parquet"))
+        samples = samples_only(fmt.read_shard(FS, shard, None))
+        for sample in samples:
+            sample.synthetic_captions.append(Caption("a green square", "synthetic", 0.7, None, True, "blip", None))
+        write(fmt, tmp_path / "out", name, samples, fmt.table_layout(FS, shard))
+    written = pq.read_table(tmp_path / "out/binary.parquet")
+    assert written.schema.field("caption").type == pa.binary()
+    assert written.column("caption").to_pylist() == [b"caf\xc3\xa9", None]
+    assert written.column("primary_caption").to_pylist() == ["a green square"] * 2
+    written = pq.read_table(tmp_path / "out/uncaptioned.parquet")
+    assert written.schema.names == ["jpg", "id", "key", *ARROW_FIELDS.names]
+
+
 def test_parquet_without_an_image_column_names_its_columns(tmp_path: Path) -> None:
     pq.write_table(pa.table({"url": ["http://x"], "caption": ["c"]}), tmp_path / "00000.parquet")
     with pytest.raises(ShardReadError, match="no image column.*url, caption"):
@@ -390,6 +438,8 @@ def test_parquet_from_another_format_holds_metadata_as_json_text(tmp_path: Path)
     write(FORMATS["parquet"], tmp_path, "00000", scored_samples())
     table = pq.read_table(tmp_path / "00000.parquet")
     assert table.schema.names == ["key", "jpg", "caption", "json", "extra_members", *ARROW_FIELDS.names]
+    assert table.column("caption").to_pylist() == ["Café au lait ☕ on a table", None, "plain"]  # the `.txt` read
+    assert table.column("primary_caption").to_pylist() == ["a cup of coffee", "a blue square", "plain"]
     assert json.loads(table.column("json")[0].as_py())["nested"] == {"a": [1, 2.5, None]}
     assert table.column("jpg").to_pylist()[1] == PNG  # a PNG among JPEGs shares the column, read back as .png
 

@@ -104,6 +104,8 @@ def restore_fields(sample: Sample) -> str | None:
             return f"a synthetic caption's text is of type {type(caption.text).__name__}, not text"
         if not isinstance(caption.captioner, (str, type(None))) or not isinstance(caption.decoding, (dict, type(None))):
             return f"synthetic caption {caption.text!r} has a malformed captioner or decoding"
+        if not isinstance(caption.count, int) or isinstance(caption.count, bool) or caption.count < 1:
+            return f"synthetic caption {caption.text!r} has a count that is not a positive integer"
         scores.append((caption.itm_score, caption.itc_score, caption.kept, repr(caption.text)))
     for itm, itc, kept, name in scores:
         if not all(_is_score(score) for score in (itm, itc)) or not isinstance(kept, (bool, type(None))):

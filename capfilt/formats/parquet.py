@@ -8,11 +8,13 @@ row index as 9 digits, and a row whose key an earlier row of the file has is a `
 other column goes into `Sample.metadata`. Rows are read a batch at a time, never the whole file.
 
 Write from a Parquet input (given its `TableLayout`): every input column with its exact type and the schema's
-metadata, the image written back the same way, the caption column holding the primary caption, a `key`
-column added when the input had none (so keys stay stable once rows are dropped), then `ARROW_FIELDS`.
+metadata, the image and the caption written back the same way (the caption as it came in: the primary caption
+has a column of its own), a `key` column added when the input had none (so keys stay stable once rows are
+dropped), then `ARROW_FIELDS` (`primary_caption` first).
 
 Write from another format: columns `key`, the image column (`jpg`, `png` or `webp` after the first sample's
-image type, else `image`), `caption`, `json` (the sample's whole JSON metadata as text: it may nest and
+image type, else `image`), `caption` (the web caption, the `.txt` that came in),
+`json` (the sample's whole JSON metadata as text: it may nest and
 vary from sample to sample, which columns could not hold), `extra_members` (other members as
 [{ext, data}], null when none), then `ARROW_FIELDS`. The schema metadata key `capfilt` marks the `json` and
 `extra_members` columns, so that reading the file back restores the same samples. An image read from Parquet
@@ -36,7 +38,7 @@ from capfilt.errors import ShardReadError
 from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, restore_fields, temporary_path
 from capfilt.formats.webdataset import IMAGE_EXTS, json_bytes, list_named
 from capfilt.sample import Reject, Sample
-from capfilt.schema import ARROW_FIELDS, arrow_fields, primary_caption
+from capfilt.schema import ARROW_FIELDS, arrow_fields
 
 IMAGE_COLUMNS = ("jpg", "png", "webp", "image")
 CAPTION_COLUMNS = ("caption", "text", "txt")
@@ -280,20 +282,16 @@ class ParquetShardWriter(ShardWriter):
 
 
 def _output_layout_from(source: TableLayout) -> TableLayout:
-    """The input's columns (earlier capfilt columns dropped), a key and a caption column when it lacked
-    them, then ARROW_FIELDS; Hugging Face features in the schema metadata get entries for the new columns."""
+    """The input's columns (earlier capfilt columns dropped), a key column when it lacked one, then
+    ARROW_FIELDS; Hugging Face features in the schema metadata get entries for the new columns."""
     fields = [field for field in source.schema if field.name not in ARROW_FIELDS.names]
-    added = []
-    if source.key_column is None:
-        added.append(pa.field(KEY_COLUMN, pa.string()))
-    if source.caption_column is None:
-        added.append(pa.field(CAPTION_COLUMNS[0], pa.string()))
+    added = [pa.field(KEY_COLUMN, pa.string())] if source.key_column is None else []
     added += list(ARROW_FIELDS)
     metadata = _with_hf_features(source.schema.metadata, added)
     return TableLayout(
         schema=pa.schema(fields + added, metadata=metadata),
         image_column=source.image_column,
-        caption_column=source.caption_column or CAPTION_COLUMNS[0],
+        caption_column=source.caption_column,
         key_column=KEY_COLUMN,
         json_column=source.json_column,
         extra_members_column=source.extra_members_column,
@@ -342,7 +340,7 @@ def _row(sample: Sample, layout: TableLayout) -> dict[str, Any]:
             int(sample.key) if key_type is not None and pa.types.is_integer(key_type) else sample.key
         )
     if layout.caption_column:
-        row[layout.caption_column] = primary_caption(sample)
+        row[layout.caption_column] = _caption_value(sample.web_caption, schema.field(layout.caption_column).type)
     if layout.json_column:
         rest = {name: value for name, value in sample.metadata.items() if name not in plain}
         row[layout.json_column] = json_bytes(rest).decode("utf-8")
@@ -353,9 +351,17 @@ def _row(sample: Sample, layout: TableLayout) -> dict[str, Any]:
     return row
 
 
+def _caption_value(caption: str | None, column_type: pa.DataType) -> str | bytes | None:
+    """The caption as its column held it: a binary caption column holds UTF-8 text."""
+    if caption is not None and _is_binary(column_type):
+        return caption.encode("utf-8")
+    return caption
+
+
 def _with_hf_features(metadata: dict[bytes, bytes] | None, added: list[pa.Field]) -> dict[bytes, bytes] | None:
     """Add features for `added` to Hugging Face's schema metadata, which `datasets` checks against the
-    columns; metadata it cannot parse is left as it is."""
+    columns (replacing an earlier run's, whose columns are written anew, last); metadata it cannot parse is
+    left as it is."""
     if not metadata or b"huggingface" not in metadata:
         return metadata
     try:
@@ -366,7 +372,8 @@ def _with_hf_features(metadata: dict[bytes, bytes] | None, added: list[pa.Field]
     if not isinstance(features, dict):
         return metadata
     for field in added:
-        features.setdefault(field.name, _hf_feature(field.type))
+        features.pop(field.name, None)
+        features[field.name] = _hf_feature(field.type)
     return {**metadata, b"huggingface": json.dumps(info).encode()}
 
 
