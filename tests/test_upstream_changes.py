@@ -7,8 +7,10 @@ calls and that one warning line names the fast path that was switched off.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -81,6 +83,21 @@ def processor_resizes_otherwise(monkeypatch: pytest.MonkeyPatch, models: tuple[s
     monkeypatch.setattr(processor_class, "resize", resize)
 
 
+@contextlib.contextmanager
+def capfilt_log(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """The `capfilt` logger's records in `caplog`, also after an in-process CLI run set the logger to print
+    its records itself (and not propagate them)."""
+    logger = logging.getLogger("capfilt")
+    level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(level)
+
+
 @pytest.mark.parametrize("change,fast_paths", [
     (embeddings_need_a_new_keyword, {"captioner": "capfilt's own decoding loop"}),
     (attention_cache_renamed, {"captioner": "fused attention (SDPA)", "filter": "capfilt's own text passes"}),
@@ -92,7 +109,7 @@ def test_a_changed_library_turns_the_fast_path_off_and_the_run_still_equals_it(
 ):
     change(monkeypatch, tiny_models)
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="capfilt"):
+    with capfilt_log(caplog):
         summary = run(config(Command.bootstrap, shapes_dataset, out, tiny_models))
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == len(fast_paths), warnings
@@ -114,8 +131,28 @@ def test_a_changed_library_turns_the_fast_path_off_and_the_run_still_equals_it(
 def test_the_library_as_it_is_keeps_every_fast_path(tiny_models, shapes_dataset, tmp_path, caplog):
     from capfilt.models import load_captioner, load_filter
 
-    with caplog.at_level(logging.WARNING, logger="capfilt"):
+    with capfilt_log(caplog):
         captioner = load_captioner(tiny_models[0], BEAM, "cpu", torch.float32)
         filter_ = load_filter(tiny_models[1], "cpu", torch.float32, 35)
-    assert not caplog.records
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
     assert captioner.decoder is not None and filter_.sdpa and filter_.own_passes
+
+
+def test_the_cli_prints_one_line_for_a_fast_path_it_turns_off(tiny_models, shapes_dataset, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from capfilt.cli import app
+
+    attention_cache_renamed(monkeypatch, tiny_models)
+    out = tmp_path / "out"
+    args = ["bootstrap", str(shapes_dataset), str(out), "--captioner", tiny_models[0], "--filter", tiny_models[1],
+            "--num-beams", "3", "--max-length", "12", "--min-length", "5", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "is off for the" in line]
+    assert len(lines) == 2 and all(line.startswith("capfilt: ") for line in lines), result.output
+    assert "fused attention (SDPA) is off for the captioner" in lines[0]
+    assert "Traceback" not in result.output
+    for sample in read_output(out):
+        assert [c.text for c in sample.synthetic_captions] == reference.beam_captions(tiny_models[0], decoded(sample),
+                                                                                     BEAM)
