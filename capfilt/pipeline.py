@@ -76,7 +76,10 @@ class Pipeline:
         self.locations = resolve(config)
         self.shards = shard_share(self.locations.shards, config.shard_index, config.num_shards)
         self.output = OutputDirectory(self.locations.fs_out, self.locations.output_dir, self.locations.output_format)
-        self.runner = make_runner(config, self.locations, self.observer)
+        # The models load here, before the output is touched, so that a model that cannot load is an error
+        # before any shard; but only for a run with work to do: a rerun of a finished job answers at once.
+        unfinished = config.overwrite or any(self.output.completed(shard) is None for shard in self.shards)
+        self.runner = make_runner(config, self.locations, self.observer) if unfinished else None
 
     def run(self) -> RunSummary:
         """Process every shard of this run not already complete in the output; the summary covers all of them."""
@@ -97,8 +100,10 @@ class Pipeline:
                     done[shard.name] = stats
                     self.observer.shard_finished(stats)
             self.observer.run_planned(len(done), pending, self.locations)
+            if pending and self.runner is None:  # a shard's stats went missing since the check above
+                self.runner = make_runner(self.config, self.locations, self.observer)
             streak = FailureStreak()
-            for stats in self.runner.run(pending):
+            for stats in self.runner.run(pending) if pending else ():
                 done[stats.shard] = stats
                 if not self.runner.reports_samples:
                     self.observer.samples_done(stats.read)
@@ -113,7 +118,8 @@ class Pipeline:
             if whole_run:  # a share of a split job leaves the run summary to `capfilt summary`
                 self.output.write_json(self.output.file(SUMMARY_FILE), summary.record())
         finally:
-            self.runner.close()
+            if self.runner is not None:
+                self.runner.close()
             self.output.unlock()
         return summary
 

@@ -272,6 +272,7 @@ def test_a_rerun_says_what_it_skips_and_a_finished_job_has_nothing_to_do(tiny_mo
     assert "nothing to do: 3 shards already complete" in finished.output
     assert "images/s" not in finished.output  # no speed made up from no work
     assert re.search(r"read\s+│\s+20", finished.output)  # the job's totals are still shown
+    assert "loading the filter" in resumed.output and "loading the filter" not in finished.output  # no models
 
 
 def test_the_progress_total_comes_from_parquet_footers(tiny_models, tmp_path):
