@@ -8,7 +8,8 @@ In one process: (a) the loop a transformers user writes, one image at a time in 
 a beam-search caption primed with "a picture of ", ITM of that caption (three vision passes per image);
 (b) on GPU only, the same loop batched in --dtype, as LAVIS-style scripts do; (c) `capfilt caption`, `filter`
 and `bootstrap` through `Pipeline` on a webdataset shard of the same images. Each is timed on N and on M images
-and costs (t_M - t_N) / (M - N) per image, so loading models and other start-up cancel out.
+and costs (t_M - t_N) / (M - N) per image, so start-up cancels out (capfilt's model loading is not timed: it
+varies by seconds from run to run).
 
 Threads: by default each method runs as a user runs it, the plain loop with torch's default thread count and
 capfilt with its own default (on CPU, the cores split between its model stages); `--threads T` gives the plain
@@ -348,12 +349,13 @@ class PlainLoop:
 
 
 def run_capfilt(config: RunConfig) -> tuple[Run, dict[str, Sample]]:
-    """One `Pipeline` run, start-up (model loading) included, with its stages timed; returns what it wrote."""
+    """One `Pipeline` run with its stages timed, model loading not included (it varies by seconds from run to run
+    on a busy machine, and would not cancel out in t_M - t_N); returns what it wrote."""
     timers = Timers(config.device.startswith("cuda"))
     written: dict[str, Sample] = {}
-    start = time.perf_counter()
     pipeline = Pipeline(config)
     instrument(pipeline, timers, written)
+    start = time.perf_counter()
     pipeline.run()
     seconds = time.perf_counter() - start
     del pipeline
