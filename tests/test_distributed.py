@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from typer.testing import CliRunner
@@ -89,12 +90,17 @@ def test_shares_run_concurrently_on_one_output(tiny_models, local_run, tmp_path)
 
 
 @pytest.mark.slow
-def test_one_process_per_device_gives_the_local_output(tiny_models, local_run, tmp_path):
+def test_one_process_per_device_gives_the_local_output(tiny_models, local_run, tmp_path, caplog, capfd):
     input, reference = local_run
     out = tmp_path / "out"
+    caplog.set_level(logging.INFO, logger="capfilt")
     summary = run(bootstrap_config(input, out, tiny_models, devices=("cpu", "cpu")))
     assert summary.shards == 4
     assert output_files(out) == reference
+    # Each device process says which model it loads where, as one line, like the main process.
+    loading = [line for line in capfd.readouterr().err.splitlines() if line.startswith("capfilt: loading the")]
+    assert sorted(loading) == sorted([f"capfilt: loading the {role} {model} on cpu (float32)"
+                                      for role, model in zip(("captioner", "filter"), tiny_models)] * 2)
 
 
 def test_cli_share_writes_its_shards_only(tiny_models, local_run, tmp_path):

@@ -8,7 +8,9 @@ it runs. Each shard's output is what a single-device run writes for it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import multiprocessing
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -16,6 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 from capfilt.config import RunConfig
 from capfilt.errors import RunError
 from capfilt.formats.base import Shard
+from capfilt.log import logger
 from capfilt.models import check_models
 from capfilt.runners.base import Runner, check_visible
 from capfilt.stats import ShardStats
@@ -24,8 +27,14 @@ from capfilt.worker import Locations, ShardWorker
 _worker: ShardWorker | None = None  # the worker of this process (in a device process)
 
 
-def _start(config: RunConfig, locations: Locations, devices: multiprocessing.Queue) -> None:
+def _start(config: RunConfig, locations: Locations, devices: multiprocessing.Queue, log_level: int) -> None:
     global _worker
+    # A spawned process starts with logging unconfigured: print capfilt's lines (the model loading on this
+    # device, a fast path switched off) as the main process does, one line each on stderr.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("capfilt: %(message)s"))
+    logger.handlers, logger.propagate = [handler], False
+    logger.setLevel(log_level)
     device = devices.get()
     _worker = ShardWorker(dataclasses.replace(config, device=device, devices=(device,)), locations)
 
@@ -44,7 +53,7 @@ class DeviceRunner(Runner):
             devices.put(device)
         self.pool = ProcessPoolExecutor(
             max_workers=len(config.devices), mp_context=context, initializer=_start,
-            initargs=(config, locations, devices),
+            initargs=(config, locations, devices, logger.getEffectiveLevel()),
         )
 
     def run(self, shards: list[Shard]) -> Iterator[ShardStats]:
