@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import json
-import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -238,11 +237,11 @@ def test_only_processing_failures_alike_in_a_row_make_a_systematic_error() -> No
 FAULTY_SHARD_IN_A_PROCESS = "00001"
 
 
-def _start_with_a_fault(config: RunConfig, locations: worker.Locations, devices: multiprocessing.Queue) -> None:
+def _start_with_a_fault(config: RunConfig, locations: worker.Locations, *start: object) -> None:
     """A device process's start (see capfilt.runners.processes), whose captioner fails on one shard."""
     error = RuntimeError(f"failed in process on {ODD_KEYS[FAULTY_SHARD_IN_A_PROCESS]}")
     inject(pytest.MonkeyPatch(), captioner={ODD_KEYS[FAULTY_SHARD_IN_A_PROCESS]: error})
-    _real_start(config, locations, devices)
+    _real_start(config, locations, *start)
 
 
 _real_start = processes._start

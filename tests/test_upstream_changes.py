@@ -88,14 +88,16 @@ def capfilt_log(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """The `capfilt` logger's records in `caplog`, also after an in-process CLI run set the logger to print
     its records itself (and not propagate them)."""
     logger = logging.getLogger("capfilt")
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(caplog.handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # caplog's handler also sits on the root logger: each record once
     try:
         yield
     finally:
         logger.removeHandler(caplog.handler)
         logger.setLevel(level)
+        logger.propagate = propagate
 
 
 @pytest.mark.parametrize("change,fast_paths", [

@@ -32,7 +32,7 @@ from capfilt.errors import ModelLoadError
 from capfilt.models.base import Captioner, CaptionScores, DecodingSettings, Filter, ImageModel
 from capfilt.models.blip_decoding import BlipDecoder
 from capfilt.models.fast_attention import PairImageCache, cache_argument, use_library_attention, use_sdpa
-from capfilt.models.fast_paths import checked, close, first_line, probe_picture, same_tokens
+from capfilt.models.fast_paths import checked, close, failure, first_line, probe_picture, same_tokens
 from capfilt.models.loading import load_pretrained
 from capfilt.models.preprocess import Preprocess, choose_preprocess, processor_preprocess
 from capfilt.models.sampling import KeyedGumbelNoise, sample_seed
@@ -107,6 +107,21 @@ class BlipCaptioner(BlipImageInput, Captioner):
                 raise self.unusable(error) from error
         if not sdpa:
             return
+        # A checkpoint asking for generation settings the loop does not reproduce keeps generate(), silently:
+        # that is the checkpoint's choice, not a fault.
+        if BlipDecoder.covers(self.model.text_decoder):
+            config = self.model.config.text_config
+            decoder = BlipDecoder(self.model.text_decoder, config.sep_token_id, config.pad_token_id)
+
+            @torch.inference_mode()
+            def check_decoder() -> None:
+                continuation = sequence[:, len(self.prompt_ids) :]
+                close(decoder.logits_along(image_embeds, self.prompt_ids, continuation), expected_logits,
+                      self.dtype, "logits")
+                same_tokens(self._sequences(image_embeds, keys, probe, decoder), expected)
+
+            if checked("capfilt's own decoding loop", self.role, self.model_id, check_decoder):
+                self.decoder = decoder
 
         @torch.inference_mode()
         def check_attention() -> None:
@@ -117,26 +132,11 @@ class BlipCaptioner(BlipImageInput, Captioner):
             tokens, logits = self._greedy_steps(image_embeds, probe.max_length)  # through the decoding cache
             same_tokens(tokens, expected_steps[0])
             close(logits, expected_steps[1], self.dtype, "logits while decoding")
-            same_tokens(self._sequences(fast_embeds, keys, probe), expected)
+            if self.decoder is None:  # the run's decoding goes through generate() and this attention
+                same_tokens(self._sequences(fast_embeds, keys, probe), expected)
 
         if not checked("fused attention (SDPA)", self.role, self.model_id, check_attention):
             use_library_attention(self.model)
-        # A checkpoint asking for generation settings the loop does not reproduce keeps generate(), silently:
-        # that is the checkpoint's choice, not a fault.
-        if not BlipDecoder.covers(self.model.text_decoder):
-            return
-        config = self.model.config.text_config
-        decoder = BlipDecoder(self.model.text_decoder, config.sep_token_id, config.pad_token_id)
-
-        @torch.inference_mode()
-        def check_decoder() -> None:
-            continuation = sequence[:, len(self.prompt_ids) :]
-            close(decoder.logits_along(image_embeds, self.prompt_ids, continuation), expected_logits, self.dtype,
-                  "logits")
-            same_tokens(self._sequences(image_embeds, keys, probe, decoder), expected)
-
-        if checked("capfilt's own decoding loop", self.role, self.model_id, check_decoder):
-            self.decoder = decoder
 
     def _first_caption(self, sequences: torch.Tensor) -> torch.Tensor:
         """The first row of `sequences` up to its end token, as a batch of one."""
@@ -269,36 +269,48 @@ class BlipFilter(BlipImageInput, Filter):
     def _enable_fast_paths(self, sdpa: bool) -> None:
         """SDPA attention and our own text passes, each where it gives the model's own forward's scores on a
         probe: two pictures (the probe and its mirror image), one with two captions, one with one, so that a
-        caption paired with the wrong picture shows (see capfilt.models.fast_paths)."""
+        caption paired with the wrong picture shows (see capfilt.models.fast_paths). Both are checked at once
+        first, each alone only when that fails: a vision pass costs about a second on a CPU at base size."""
         probe = self.probe_pixels()
         images = torch.cat([probe, probe.flip(-1)])
         captions = [PROBE_CAPTIONS, PROBE_CAPTIONS[1:]]
-        pair_pixels = self.to_device(images[[0, 0, 1]])
-        token_ids = self.tokenize([text for texts in captions for text in texts])
-        tokens = self.padded(token_ids, max(len(ids) for ids in token_ids))
         with torch.inference_mode():
             try:
-                expected = torch.stack(self._library_pass(pair_pixels, tokens, itm=True, itc=True))
+                expected = self._library_scores(images)
             except Exception as error:
                 raise self.unusable(error) from error
-
-        @torch.inference_mode()
-        def check_attention() -> None:
-            use_sdpa(self.model)
-            actual = torch.stack(self._library_pass(pair_pixels, tokens, itm=True, itc=True))
-            close(actual, expected, self.dtype, "scores")
-
-        if sdpa:
-            self.sdpa = checked("fused attention (SDPA)", self.role, self.model_id, check_attention)
-            if not self.sdpa:
-                use_library_attention(self.model)
 
         def check_passes() -> None:
             scores = [score for pairs in self.score_pixels(images, captions, itm=True, itc=True) for score in pairs]
             actual = torch.tensor([[score.itm for score in scores], [score.itc for score in scores]])
             close(actual, expected, self.dtype, "scores")
 
+        @torch.inference_mode()
+        def check_attention() -> None:
+            close(self._library_scores(images), expected, self.dtype, "scores")
+
+        if sdpa:
+            use_sdpa(self.model)
+            self.sdpa = True
+            if failure(check_passes) is None:
+                return
+            self.sdpa = checked("fused attention (SDPA)", self.role, self.model_id, check_attention)
+            if not self.sdpa:
+                use_library_attention(self.model)
         self.own_passes = checked("capfilt's own text passes", self.role, self.model_id, check_passes)
+
+    @torch.inference_mode()
+    def _library_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """ITM (first row) and ITC (second) of the probe's three pairs, from the model's own forward: ITM of each
+        pair, ITC of both pictures against both captions in one call (the model gives every pairing)."""
+        texts = [PROBE_CAPTIONS[0], PROBE_CAPTIONS[1], PROBE_CAPTIONS[1]]
+        token_ids = self.tokenize(texts)
+        tokens = self.padded(token_ids, max(len(ids) for ids in token_ids))
+        pixels = self.to_device(images)
+        itm, _ = self._library_pass(pixels[[0, 0, 1]], tokens, itm=True, itc=False)
+        two = {name: values[:2] for name, values in tokens.items()}  # one of each caption
+        cosines = self.model(**two, pixel_values=pixels, use_itm_head=False).itm_score.float()  # (images, texts)
+        return torch.stack([itm, cosines[[0, 0, 1], [0, 1, 1]]])
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids as the reference call makes them, truncated to the filter's text length (BLIP: 35)."""

@@ -31,16 +31,26 @@ def probe_picture() -> Image.Image:
     return Image.fromarray(np.clip(gradient + noise, 0, 255).astype(np.uint8))
 
 
-def checked(fast_path: str, role: str, model_id: str, check: Callable[[], None]) -> bool:
-    """Run `check`, which raises when `fast_path` is wrong for this model; on any failure, say so in one line
-    and return False so that the caller uses the library's path."""
+def failure(check: Callable[[], None]) -> str | None:
+    """Why `check` failed, in a few words; None when it passed."""
     try:
         check()
     except Exception as error:  # whatever broke, the library's path still serves the run
-        reason = str(error) if isinstance(error, FastPathMismatch) else f"{type(error).__name__}: {first_line(error)}"
-        logger.warning("%s is off for the %s %s (%s); using the library's path", fast_path, role, model_id, reason)
-        return False
-    return True
+        return str(error) if isinstance(error, FastPathMismatch) else f"{type(error).__name__}: {first_line(error)}"
+    return None
+
+
+def checked(fast_path: str, role: str, model_id: str, check: Callable[[], None]) -> bool:
+    """Run `check`, which raises when `fast_path` is wrong for this model; on any failure, say so in one line
+    and return False so that the caller uses the library's path."""
+    reason = failure(check)
+    if reason is not None:
+        warn_off(fast_path, role, model_id, reason)
+    return reason is None
+
+
+def warn_off(fast_path: str, role: str, model_id: str, reason: str) -> None:
+    logger.warning("%s is off for the %s %s (%s); using the library's path", fast_path, role, model_id, reason)
 
 
 def first_line(error: Exception) -> str:
