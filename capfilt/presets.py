@@ -9,10 +9,9 @@ relative to the file are resolved against it.
 from __future__ import annotations
 
 import os
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-
-import tomllib
 
 from capfilt import presets_data
 from capfilt.errors import ConfigError

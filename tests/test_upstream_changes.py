@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoProcessor
 from transformers.image_utils import PILImageResampling
-from torch import nn
 from transformers.models.blip.modeling_blip_text import BlipTextEmbeddings, BlipTextModel, BlipTextSelfAttention
 
 from capfilt.config import Command

@@ -228,8 +228,11 @@ class BlipCaptioner(BlipImageInput, Captioner):
 
 
 # Two captions for the filter's probe: one short, one near BLIP's 35 tokens after truncation.
-PROBE_CAPTIONS = ["a dog", "a red circle and a small blue square on a grey background, next to a green star, "
-                  "IMG_2031.JPG, with some words that make this caption longer than thirty five tokens"]
+PROBE_CAPTIONS = [
+    "a dog",
+    ("a red circle and a small blue square on a grey background, next to a green star, "
+     "IMG_2031.JPG, with some words that make this caption longer than thirty five tokens"),
+]
 
 
 def strip_prompt(text: str, prompt: str) -> str:

@@ -35,7 +35,7 @@ def failure(check: Callable[[], None]) -> str | None:
     """Why `check` failed, in a few words; None when it passed."""
     try:
         check()
-    except Exception as error:  # whatever broke, the library's path still serves the run
+    except Exception as error:  # noqa: BLE001  (whatever broke, the library's path still serves the run)
         return str(error) if isinstance(error, FastPathMismatch) else f"{type(error).__name__}: {first_line(error)}"
     return None
 
