@@ -23,7 +23,7 @@ from capfilt.config import Command
 from capfilt.models.fast_attention import cache_argument
 from capfilt.pipeline import run
 from tests import reference
-from tests.test_pipeline import BEAM, config, decoded, read_output
+from tests.test_pipeline import BEAM, assert_equals_plain_calls, config, decoded, read_output
 
 
 def embeddings_need_a_new_keyword(monkeypatch: pytest.MonkeyPatch, models: tuple[str, str]) -> None:
@@ -122,12 +122,7 @@ def test_a_changed_library_turns_the_fast_path_off_and_the_run_still_equals_it(
     samples = read_output(out)
     assert summary.written == len(samples) == 20 and not summary.failed_shards
     for sample in samples:  # the plain library calls, under the same changed library
-        image = decoded(sample)
-        assert [c.text for c in sample.synthetic_captions] == reference.beam_captions(tiny_models[0], image, BEAM)
-        for caption in sample.captions():
-            itm, itc = reference.pair_scores(tiny_models[1], image, caption.text)
-            assert caption.itm_score == pytest.approx(itm, abs=1e-5)
-            assert caption.itc_score == pytest.approx(itc, abs=1e-5)
+        assert_equals_plain_calls(sample, tiny_models)
 
 
 def test_the_library_as_it_is_keeps_every_fast_path(tiny_models, shapes_dataset, tmp_path, caplog):
