@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def one_line(error: BaseException) -> str:
+    """An exception told in one line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 class CapfiltError(Exception):
     """A failure caused by the input, the output or the settings, told in one line."""
 

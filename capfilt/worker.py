@@ -28,7 +28,7 @@ from fsspec import AbstractFileSystem
 from capfilt.background import in_background
 from capfilt.config import Command, RunConfig
 from capfilt.decode import DEFAULT_MAX_PIXELS
-from capfilt.errors import ShardReadError
+from capfilt.errors import ShardReadError, one_line
 from capfilt.formats.base import Format, Shard
 from capfilt.models import load_captioner, load_filter
 from capfilt.models.base import ImageModel
@@ -128,11 +128,10 @@ class ShardWorker:
     def _abandon(self, shard: Shard, error: BaseException, started: float) -> ShardStats:
         """The stats of a shard abandoned on `error`, written as its stats file: the error in one line and its
         traceback, and no counts, since none of its samples is in the output. A rerun redoes the shard."""
-        message = str(error).strip()
         stats = ShardStats(
             shard=shard.name,
             seconds=round(time.perf_counter() - started, 3),
-            error=f"{type(error).__name__}: {message.splitlines()[0]}" if message else type(error).__name__,
+            error=one_line(error),
             traceback="".join(traceback.format_exception(error)),
         )
         self.output.write_json(self.output.side_files(shard.name)["stats"], stats.record())

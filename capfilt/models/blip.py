@@ -28,11 +28,11 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from capfilt.errors import ModelLoadError
+from capfilt.errors import ModelLoadError, one_line
 from capfilt.models.base import Captioner, CaptionScores, DecodingSettings, Filter, ImageModel
 from capfilt.models.blip_decoding import BlipDecoder
 from capfilt.models.fast_attention import PairImageCache, cache_argument, use_library_attention, use_sdpa
-from capfilt.models.fast_paths import checked, close, failure, first_line, probe_picture, same_tokens
+from capfilt.models.fast_paths import checked, close, failure, probe_picture, same_tokens
 from capfilt.models.loading import load_pretrained
 from capfilt.models.preprocess import Preprocess, choose_preprocess, processor_preprocess
 from capfilt.models.sampling import KeyedGumbelNoise, sample_seed
@@ -70,7 +70,7 @@ class BlipImageInput(ImageModel):
     def unusable(self, error: Exception) -> ModelLoadError:
         """The library's own path failed on the probe: nothing capfilt can fall back to."""
         return ModelLoadError(f"the {self.role} {self.model_id} fails on a probe picture with transformers "
-                              f"{transformers.__version__}: {type(error).__name__}: {first_line(error)}")
+                              f"{transformers.__version__}: {one_line(error)}")
 
 
 class BlipCaptioner(BlipImageInput, Captioner):

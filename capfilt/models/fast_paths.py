@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from capfilt.errors import one_line
 from capfilt.log import logger
 
 
@@ -36,7 +37,7 @@ def failure(check: Callable[[], None]) -> str | None:
     try:
         check()
     except Exception as error:  # noqa: BLE001  (whatever broke, the library's path still serves the run)
-        return str(error) if isinstance(error, FastPathMismatch) else f"{type(error).__name__}: {first_line(error)}"
+        return str(error) if isinstance(error, FastPathMismatch) else one_line(error)
     return None
 
 
@@ -45,17 +46,8 @@ def checked(fast_path: str, role: str, model_id: str, check: Callable[[], None])
     and return False so that the caller uses the library's path."""
     reason = failure(check)
     if reason is not None:
-        warn_off(fast_path, role, model_id, reason)
+        logger.warning("%s is off for the %s %s (%s); using the library's path", fast_path, role, model_id, reason)
     return reason is None
-
-
-def warn_off(fast_path: str, role: str, model_id: str, reason: str) -> None:
-    logger.warning("%s is off for the %s %s (%s); using the library's path", fast_path, role, model_id, reason)
-
-
-def first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def same_tokens(actual: torch.Tensor, expected: torch.Tensor) -> None:
