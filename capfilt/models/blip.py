@@ -100,13 +100,13 @@ class BlipCaptioner(BlipImageInput, Captioner):
             try:
                 image_embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state
                 expected = self._sequences(image_embeds, keys, probe)
+                if not sdpa:  # the library's path throughout: nothing to check it against
+                    return
                 sequence = self._first_caption(expected)
                 expected_logits = self._library_logits(image_embeds, sequence)
                 expected_steps = self._greedy_steps(image_embeds, probe.max_length)
             except Exception as error:
                 raise self.unusable(error) from error
-        if not sdpa:
-            return
         # A checkpoint asking for generation settings the loop does not reproduce keeps generate(), silently:
         # that is the checkpoint's choice, not a fault.
         if BlipDecoder.covers(self.model.text_decoder):
