@@ -20,7 +20,6 @@ from capfilt.config import RunConfig
 from capfilt.errors import RunError
 from capfilt.formats import get_format
 from capfilt.formats.base import Shard
-from capfilt.inspect import summarize  # noqa: F401  (re-exported; `capfilt summary` runs it without the runners)
 from capfilt.observer import Observer
 from capfilt.output import SUMMARY_FILE, OutputDirectory
 from capfilt.paths import check_output_apart, resolve_input, resolve_output

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from rich.console import Console
 from rich.progress import (
@@ -55,7 +55,7 @@ class RichProgress(Observer):
         self.started = time.perf_counter()
         self._stopped = threading.Event()
 
-    def __enter__(self) -> RichProgress:  # noqa: PYI034  # typing.Self needs Python 3.11
+    def __enter__(self) -> Self:
         self.progress.start()
         return self
 
@@ -103,9 +103,8 @@ class RichProgress(Observer):
         self.progress.advance(self.shard_task)
         if stats.error:
             self.console.print(f"shard {stats.shard}: {stats.error}", style="yellow", markup=False, highlight=False)
-            traceback = getattr(stats, "traceback", None)
-            if self.debug and traceback:
-                self.console.print(traceback.rstrip(), markup=False, highlight=False)
+            if self.debug and stats.traceback:
+                self.console.print(stats.traceback.rstrip(), markup=False, highlight=False)
 
 
 def _shards(count: int) -> str:

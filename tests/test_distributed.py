@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from capfilt.cli import app, share_of_job
 from capfilt.errors import ConfigError
 from capfilt.formats.base import Shard
-from capfilt.pipeline import Pipeline, run, shard_share, summarize
+from capfilt.inspect import summarize
+from capfilt.pipeline import Pipeline, run, shard_share
 from tests.test_resume import bootstrap_config, make_dataset, output_files
 
 
