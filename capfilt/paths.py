@@ -74,16 +74,16 @@ def check_output_apart(
             raise OutputError(f"the output folder {output} holds the input shard {path}; write to another folder")
         if output.startswith(f"{path}/"):
             raise OutputError(f"the output folder {output} is inside the input shard {path}; write to another folder")
-    folder = _input_folder(fs_in, shards, input_spec)
+    folder = _input_folder(shards, input_spec)
     if folder is not None and output.startswith(f"{folder}/"):
         raise OutputError(f"the output folder {output} is inside the input folder {folder}; write to a folder outside it")
 
 
-def _input_folder(fs: AbstractFileSystem, shards: list[Shard], input_spec: str | None) -> str | None:
+def _input_folder(shards: list[Shard], input_spec: str | None) -> str | None:
     """The folder the input names, when it names one folder of shards (not a pattern, not a shard itself)."""
     if input_spec is None or _is_glob(input_spec) or len(_patterns(input_spec)) > 1:
         return None
-    folder = fs._strip_protocol(input_spec).rstrip("/")
+    folder = fsspec.core.strip_protocol(input_spec).rstrip("/")
     return None if any(shard.path.rstrip("/") == folder for shard in shards) else folder
 
 
