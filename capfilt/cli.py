@@ -36,7 +36,9 @@ app = typer.Typer(
 )
 
 # Options whose default comes from elsewhere (the preset, the input, the environment) say where, as click's
-# `show_default` text: help text in square brackets would be read as rich markup and vanish.
+# `show_default` text: help text in square brackets would be read as rich markup and vanish. Preset values
+# shown are the default preset's, read from its file.
+PRESET_DEFAULTS = load_preset(DEFAULT_PRESET)
 Input = Annotated[str, typer.Argument(help="Dataset: a directory, a glob or a brace pattern; local or fsspec URL.")]
 Output = Annotated[str, typer.Argument(help="Output directory (one output shard per input shard, same names).")]
 PresetOpt = Annotated[str, typer.Option("--preset", help="Model preset: blip-large, blip-base, demo, or a .toml.")]
@@ -48,12 +50,12 @@ FilterOpt = Annotated[
 ]
 NumCaptions = Annotated[int, typer.Option("--num-captions", help="Synthetic captions per image.")]
 NumBeams = Annotated[int, typer.Option("--num-beams", help="1: nucleus sampling; >1: beam search.")]
-TopP = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling top-p.", show_default="preset: 0.9")]
+TopP = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling top-p.", show_default=f"preset: {PRESET_DEFAULTS.top_p}")]
 MaxLength = Annotated[
-    int | None, typer.Option("--max-length", help="Max tokens, prompt included.", show_default="preset: 30")
+    int | None, typer.Option("--max-length", help="Max tokens, prompt included.", show_default=f"preset: {PRESET_DEFAULTS.max_length}")
 ]
 MinLength = Annotated[
-    int | None, typer.Option("--min-length", help="Min tokens, prompt included.", show_default="preset: 10")
+    int | None, typer.Option("--min-length", help="Min tokens, prompt included.", show_default=f"preset: {PRESET_DEFAULTS.min_length}")
 ]
 RepetitionPenalty = Annotated[
     float | None,
@@ -61,14 +63,15 @@ RepetitionPenalty = Annotated[
 ]
 Prompt = Annotated[
     str | None,
-    typer.Option("--prompt", help="Decoder prompt, stripped from captions.", show_default="preset: 'a picture of '"),
+    typer.Option("--prompt", help="Decoder prompt, stripped from captions.",
+                 show_default=f"preset: {PRESET_DEFAULTS.prompt!r}"),
 ]
 Scores = Annotated[str, typer.Option("--scores", help="Scores to compute and require: itm, itc or itm,itc.")]
 Threshold = Annotated[
-    float | None, typer.Option("--threshold", help="Min ITM match probability.", show_default="preset: 0.5")
+    float | None, typer.Option("--threshold", help="Min ITM match probability.", show_default=f"preset: {PRESET_DEFAULTS.itm_threshold}")
 ]
 ItcThreshold = Annotated[
-    float | None, typer.Option("--itc-threshold", help="Min ITC cosine.", show_default="preset: 0.3")
+    float | None, typer.Option("--itc-threshold", help="Min ITC cosine.", show_default=f"preset: {PRESET_DEFAULTS.itc_threshold}")
 ]
 Mode = Annotated[FilterMode, typer.Option("--mode", help="drop: remove failing pairs; annotate: keep all.")]
 InputFormat = Annotated[
