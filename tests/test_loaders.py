@@ -13,13 +13,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt.config import Command, DecodingSettings, FilterMode, FilterSettings, RunConfig
+from capfilt.config import Command, DecodingSettings, FilterMode, FilterSettings
 from capfilt.pipeline import run
 from capfilt.sample import Sample
 from capfilt.stats import RunSummary
 from tests.conftest import shape_items
 from tests.datasets import make_items, write_hf_parquet, write_parquet_shards, write_webdataset_shards
-from tests.test_pipeline import read_output
+from tests.test_pipeline import config, read_output
 
 datasets = pytest.importorskip("datasets")
 
@@ -38,17 +38,8 @@ RUNS = {
 
 
 def capfilt_run(command: Command, filtering: FilterSettings | None, input: Path, out: Path, models, **overrides):
-    settings = dict(
-        command=command,
-        input=str(input),
-        output=str(out),
-        captioner=models[0] if command is not Command.filter else None,
-        filter=models[1] if command is not Command.caption else None,
-        decoding=DECODING if command is not Command.filter else None,
-        filtering=filtering,
-        batch_size=4,
-    )
-    return run(RunConfig(**{**settings, **overrides}))
+    settings = {"decoding": DECODING if command is not Command.filter else None, "filtering": filtering}
+    return run(config(command, input, out, models, **{**settings, **overrides}))
 
 
 def load(builder: str, out: Path, cache: Path, pattern: str, **options) -> datasets.Dataset:
