@@ -10,21 +10,23 @@ import os
 import sys
 
 try:  # a Ctrl-C while the command line itself loads is an interrupt like any other: one line, exit 130
-    import json
     import logging
     import traceback
-    from collections.abc import Iterator
+    import inspect
+    from collections.abc import Callable, Iterator
     from contextlib import contextmanager
-    from typing import Annotated, NoReturn
+    from typing import Annotated, Any, NoReturn
 
     import typer
     from rich.console import Console
 
     from capfilt import __version__
-    from capfilt.config import Command, DecodingSettings, FilterMode, FilterSettings, RunConfig
-    from capfilt.errors import CapfiltError, ConfigError
+    from capfilt.api import parse_storage_options, run
+    from capfilt.config import Command
+    from capfilt.errors import CapfiltError
     from capfilt.log import logger
-    from capfilt.presets import DEFAULT_PRESET, Preset, load_preset
+    from capfilt.options import OPTIONS, Option
+    from capfilt.presets import DEFAULT_PRESET, load_preset
 except KeyboardInterrupt:
     print("capfilt: interrupted", file=sys.stderr)
     os._exit(130)
@@ -35,62 +37,8 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# Options whose default comes from elsewhere (the preset, the input, the environment) say where, as click's
-# `show_default` text: help text in square brackets would be read as rich markup and vanish. Preset values
-# shown are the default preset's, read from its file.
-PRESET_DEFAULTS = load_preset(DEFAULT_PRESET)
 Input = Annotated[str, typer.Argument(help="Dataset: a directory, a glob or a brace pattern; local or fsspec URL.")]
 Output = Annotated[str, typer.Argument(help="Output directory (one output shard per input shard, same names).")]
-PresetOpt = Annotated[str, typer.Option("--preset", help="Model preset: blip-large, blip-base, demo, or a .toml.")]
-CaptionerOpt = Annotated[
-    str | None, typer.Option("--captioner", help="Captioner: HF model id or local dir.", show_default="preset's")
-]
-FilterOpt = Annotated[
-    str | None, typer.Option("--filter", help="Filter: HF model id or local dir.", show_default="preset's")
-]
-NumCaptions = Annotated[int, typer.Option("--num-captions", help="Synthetic captions per image.")]
-NumBeams = Annotated[int, typer.Option("--num-beams", help="1: nucleus sampling; >1: beam search.")]
-TopP = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling top-p.", show_default=f"preset: {PRESET_DEFAULTS.top_p}")]
-MaxLength = Annotated[
-    int | None, typer.Option("--max-length", help="Max tokens, prompt included.", show_default=f"preset: {PRESET_DEFAULTS.max_length}")
-]
-MinLength = Annotated[
-    int | None, typer.Option("--min-length", help="Min tokens, prompt included.", show_default=f"preset: {PRESET_DEFAULTS.min_length}")
-]
-RepetitionPenalty = Annotated[
-    float | None,
-    typer.Option("--repetition-penalty", help="Repetition penalty.", show_default="BLIP's: 1.1 nucleus, 1.0 beam"),
-]
-Prompt = Annotated[
-    str | None,
-    typer.Option("--prompt", help="Decoder prompt, stripped from captions.",
-                 show_default=f"preset: {PRESET_DEFAULTS.prompt!r}"),
-]
-Scores = Annotated[str, typer.Option("--scores", help="Scores to compute and require: itm, itc or itm,itc.")]
-Threshold = Annotated[
-    float | None, typer.Option("--threshold", help="Min ITM match probability.", show_default=f"preset: {PRESET_DEFAULTS.itm_threshold}")
-]
-ItcThreshold = Annotated[
-    float | None, typer.Option("--itc-threshold", help="Min ITC cosine.", show_default=f"preset: {PRESET_DEFAULTS.itc_threshold}")
-]
-Mode = Annotated[FilterMode, typer.Option("--mode", help="drop: remove failing pairs; annotate: keep all.")]
-InputFormat = Annotated[
-    str | None, typer.Option("--input-format", help="webdataset, parquet or files.", show_default="detected")
-]
-OutputFormat = Annotated[
-    str | None, typer.Option("--output-format", help="webdataset, parquet or files.", show_default="input's")
-]
-CaptionColumn = Annotated[
-    str | None,
-    typer.Option("--caption-column", help="Caption column or extension.", show_default="caption, text or txt"),
-]
-ImageColumn = Annotated[
-    str | None, typer.Option("--image-column", help="Parquet image column.", show_default="detected")
-]
-Device = Annotated[str, typer.Option("--device", help="auto (GPU if visible), cpu, cuda, cuda:1 ...")]
-Dtype = Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16 on GPU), fp32, bf16, fp16.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per model batch.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed of nucleus sampling.")]
 StorageOptions = Annotated[
     str | None, typer.Option("--storage-options", help="fsspec options as JSON.", show_default="none")
 ]
@@ -98,36 +46,6 @@ Quiet = Annotated[
     bool, typer.Option("--quiet", help="No progress bar, summary table or model loading lines; warnings only.")
 ]
 Debug = Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error or a failed shard.")]
-EagerAttention = Annotated[
-    bool, typer.Option("--eager-attention", help="transformers' own BLIP attention instead of fused SDPA.")
-]
-Threads = Annotated[
-    int | None,
-    typer.Option("--threads", help="torch CPU threads of each model stage.",
-                 show_default="on CPU the cores split between the model stages"),
-]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo every shard instead of resuming.")]
-Devices = Annotated[
-    str | None,
-    typer.Option("--devices", help="One worker process per device: all (every GPU), 0,1 or cuda:0,cuda:1.",
-                 show_default="--device only"),
-]
-Ray = Annotated[
-    str | None, typer.Option("--ray", help="Run on a Ray cluster: its address, or auto.", show_default="no Ray")
-]
-RayWorkers = Annotated[
-    int | None,
-    typer.Option("--ray-workers", help="Ray actors.", show_default="one per cluster GPU, or CPU core on CPU"),
-]
-ShardIndex = Annotated[
-    int | None,
-    typer.Option("--shard-index", help="This process's share of a split job.",
-                 show_default="$SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, else 0"),
-]
-NumShards = Annotated[
-    int | None,
-    typer.Option("--num-shards", help="Shares of a split job.", show_default="$SLURM_ARRAY_TASK_COUNT, else 1"),
-]
 
 
 def exit_interrupted(message: str = "capfilt: interrupted") -> NoReturn:
@@ -178,67 +96,6 @@ def configure_logging(console: Console, quiet: bool, debug: bool) -> None:
     logger.propagate = False
 
 
-def listed_devices(devices: str | None) -> tuple[str, ...]:
-    """The devices `--devices` names: `all` is every visible GPU, digits are CUDA devices."""
-    if devices == "all":
-        import torch
-
-        listed = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
-        if not listed:
-            raise ConfigError("--devices all: no CUDA device is visible")
-        return listed
-    return tuple(f"cuda:{d}" if d.isdigit() else d for d in (d.strip() for d in (devices or "").split(",")) if d)
-
-
-def share_of_job(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
-    """This process's share of a split job: the flags, else a SLURM job array's variables, else all of it."""
-    if num_shards is None and "SLURM_ARRAY_TASK_COUNT" in os.environ:
-        num_shards = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
-        minimum = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        shard_index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - minimum if shard_index is None else shard_index
-    return shard_index or 0, num_shards or 1
-
-
-def decoding_settings(preset: Preset, num_captions: int, num_beams: int, top_p: float | None,
-                      max_length: int | None, min_length: int | None, repetition_penalty: float | None,
-                      prompt: str | None, seed: int) -> DecodingSettings:
-    return DecodingSettings(
-        num_beams=num_beams,
-        num_captions=num_captions,
-        top_p=preset.top_p if top_p is None else top_p,
-        max_length=preset.max_length if max_length is None else max_length,
-        min_length=preset.min_length if min_length is None else min_length,
-        repetition_penalty=repetition_penalty,
-        prompt=preset.prompt if prompt is None else prompt,
-        seed=seed,
-    )
-
-
-def filter_settings(preset: Preset, scores: str, threshold: float | None, itc_threshold: float | None,
-                    mode: FilterMode) -> FilterSettings:
-    names = {name.strip() for name in scores.split(",") if name.strip()}
-    if not names or names - {"itm", "itc"}:
-        raise ConfigError(f"--scores takes itm, itc or itm,itc; got '{scores}'")
-    return FilterSettings(
-        itm="itm" in names,
-        itc="itc" in names,
-        itm_threshold=preset.itm_threshold if threshold is None else threshold,
-        itc_threshold=preset.itc_threshold if itc_threshold is None else itc_threshold,
-        mode=mode,
-        text_max_tokens=preset.text_max_tokens,
-    )
-
-
-def parse_storage_options(text: str | None) -> dict:
-    try:
-        options = json.loads(text) if text else {}
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"--storage-options is not valid JSON: {error}") from error
-    if not isinstance(options, dict):
-        raise ConfigError("--storage-options must be a JSON object")
-    return options
-
-
 @contextmanager
 def reported_errors(debug: bool) -> Iterator[None]:
     """Failures as one `capfilt: error:` line: the user's own (settings, input, output) with exit status 2;
@@ -259,30 +116,17 @@ def reported_errors(debug: bool) -> Iterator[None]:
         _fail(f"{type(error).__name__}{f': {message}' if message else ''}{hint}", code=1)
 
 
-def execute(command: Command, input: str, output: str, quiet: bool, debug: bool, device: str, dtype: str,
-            storage_options: str | None, devices: str | None, ray: str | None, ray_workers: int | None,
-            shard_index: int | None, num_shards: int | None, **settings: object) -> None:
-    """Build the config, run the pipeline with progress, print the summary; errors as one line."""
+def execute(command: Command, input: str, output: str, quiet: bool, debug: bool, **options: Any) -> None:
+    """Check the options, run the job with progress, print the summary; errors as one line."""
     console = Console(stderr=True, quiet=quiet)
     configure_logging(console, quiet, debug)
     with reported_errors(debug):
-        listed = listed_devices(devices)
-        index, count = share_of_job(shard_index, num_shards)
-        config = RunConfig(command=command, input=input, output=output, device=listed[0] if listed else device,
-                           dtype=dtype, storage_options=parse_storage_options(storage_options), devices=listed,
-                           ray_address=ray, ray_workers=ray_workers, shard_index=index, num_shards=count, **settings)
-        # Every argument is checked by now: only a run that will happen waits for torch and transformers.
-        from transformers.utils import logging as transformers_logging
-
-        from capfilt.pipeline import Pipeline
         from capfilt.progress import RichProgress, summary_table
 
-        transformers_logging.disable_progress_bar()  # our own progress bar is the one to watch
-        progress = RichProgress(console, debug)
-        pipeline = Pipeline(config, progress)  # loads the models; the bar starts after
+        progress = RichProgress(console, debug)  # its bar shows once the models have loaded
         try:
             with progress:
-                summary = pipeline.run()
+                summary = run(input, output, command, observer=progress, **options)
         except KeyboardInterrupt:  # the run cleaned up (temporaries, lock) on its way out
             exit_interrupted("capfilt: interrupted; the shard in progress was abandoned, finished shards are kept. "
                              "Rerun the same command to resume.")
@@ -296,81 +140,41 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code=code)
 
 
-@app.command()
-def caption(
-    input: Input, output: Output, preset: PresetOpt = DEFAULT_PRESET, captioner: CaptionerOpt = None,
-    num_captions: NumCaptions = 1, num_beams: NumBeams = 1, top_p: TopP = None, max_length: MaxLength = None,
-    min_length: MinLength = None, repetition_penalty: RepetitionPenalty = None, prompt: Prompt = None,
-    input_format: InputFormat = None, output_format: OutputFormat = None, caption_column: CaptionColumn = None,
-    image_column: ImageColumn = None, device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = 32,
-    seed: Seed = 0, storage_options: StorageOptions = None, quiet: Quiet = False, debug: Debug = False,
-    overwrite: Overwrite = False, eager_attention: EagerAttention = False,
-    threads: Threads = None,
-    devices: Devices = None, ray: Ray = None, ray_workers: RayWorkers = None,
-    shard_index: ShardIndex = None, num_shards: NumShards = None,
-) -> None:
-    """Add synthetic captions (nucleus sampling by default, beam search with --num-beams)."""
-    with reported_errors(debug):
-        p = load_preset(preset)
-        decoding = decoding_settings(p, num_captions, num_beams, top_p, max_length, min_length,
-                                     repetition_penalty, prompt, seed)
-    execute(Command.caption, input, output, quiet, debug, device, dtype, storage_options, devices, ray, ray_workers,
-            shard_index, num_shards,
-            captioner=captioner or p.captioner, decoding=decoding, input_format=input_format,
-            output_format=output_format, caption_column=caption_column, image_column=image_column,
-            batch_size=batch_size, overwrite=overwrite, sdpa=not eager_attention, threads=threads)
+def _parameter(option: Option) -> inspect.Parameter:
+    info = typer.Option(option.flag, help=option.help, show_default=option.show_default)
+    return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=option.default,
+                             annotation=Annotated[option.type, info])
 
 
-@app.command("filter")
-def filter_command(
-    input: Input, output: Output, preset: PresetOpt = DEFAULT_PRESET, filter: FilterOpt = None,
-    scores: Scores = "itm", threshold: Threshold = None, itc_threshold: ItcThreshold = None,
-    mode: Mode = FilterMode.drop, input_format: InputFormat = None, output_format: OutputFormat = None,
-    caption_column: CaptionColumn = None, image_column: ImageColumn = None, device: Device = "auto",
-    dtype: Dtype = "auto", batch_size: BatchSize = 32, storage_options: StorageOptions = None, quiet: Quiet = False,
-    debug: Debug = False, overwrite: Overwrite = False, eager_attention: EagerAttention = False,
-    threads: Threads = None,
-    devices: Devices = None, ray: Ray = None, ray_workers: RayWorkers = None,
-    shard_index: ShardIndex = None, num_shards: NumShards = None,
-) -> None:
-    """Score web and synthetic captions (ITM and/or ITC) and drop, or annotate, the pairs that do not match."""
-    with reported_errors(debug):
-        p = load_preset(preset)
-        filtering = filter_settings(p, scores, threshold, itc_threshold, mode)
-    execute(Command.filter, input, output, quiet, debug, device, dtype, storage_options, devices, ray, ray_workers,
-            shard_index, num_shards,
-            filter=filter or p.filter, filtering=filtering, input_format=input_format,
-            output_format=output_format, caption_column=caption_column, image_column=image_column,
-            batch_size=batch_size, overwrite=overwrite, sdpa=not eager_attention, threads=threads)
+def run_command(command: Command, doc: str) -> Callable[..., None]:
+    """The CLI command `command`: the options of the table that it takes, handed to `execute` as they are."""
+
+    def command_function(input: str, output: str, quiet: bool = False, debug: bool = False, **options: Any) -> None:
+        execute(command, input, output, quiet, debug, **options)
+
+    parameters = [
+        inspect.Parameter("input", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Input),
+        inspect.Parameter("output", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Output),
+        *(_parameter(option) for option in OPTIONS if command in option.commands),
+        inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Quiet),
+        inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Debug),
+    ]
+    command_function.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command_function.__annotations__ = {p.name: p.annotation for p in parameters}
+    command_function.__doc__ = doc
+    return command_function
 
 
-@app.command()
-def bootstrap(
-    input: Input, output: Output, preset: PresetOpt = DEFAULT_PRESET, captioner: CaptionerOpt = None,
-    filter: FilterOpt = None, num_captions: NumCaptions = 1, num_beams: NumBeams = 1, top_p: TopP = None,
-    max_length: MaxLength = None, min_length: MinLength = None, repetition_penalty: RepetitionPenalty = None,
-    prompt: Prompt = None, scores: Scores = "itm", threshold: Threshold = None,
-    itc_threshold: ItcThreshold = None, mode: Mode = FilterMode.drop, input_format: InputFormat = None,
-    output_format: OutputFormat = None, caption_column: CaptionColumn = None, image_column: ImageColumn = None,
-    device: Device = "auto", dtype: Dtype = "auto", batch_size: BatchSize = 32, seed: Seed = 0,
-    storage_options: StorageOptions = None, quiet: Quiet = False, debug: Debug = False, overwrite: Overwrite = False,
-    eager_attention: EagerAttention = False,
-    threads: Threads = None,
-    devices: Devices = None, ray: Ray = None, ray_workers: RayWorkers = None,
-    shard_index: ShardIndex = None, num_shards: NumShards = None,
-) -> None:
-    """Caption, then filter the web caption and every synthetic caption, in one pass (CapFilt)."""
-    with reported_errors(debug):
-        p = load_preset(preset)
-        decoding = decoding_settings(p, num_captions, num_beams, top_p, max_length, min_length,
-                                     repetition_penalty, prompt, seed)
-        filtering = filter_settings(p, scores, threshold, itc_threshold, mode)
-    execute(Command.bootstrap, input, output, quiet, debug, device, dtype, storage_options, devices, ray, ray_workers,
-            shard_index, num_shards,
-            captioner=captioner or p.captioner, filter=filter or p.filter, decoding=decoding,
-            filtering=filtering, input_format=input_format, output_format=output_format,
-            caption_column=caption_column, image_column=image_column, batch_size=batch_size,
-            overwrite=overwrite, sdpa=not eager_attention, threads=threads)
+app.command("caption")(run_command(
+    Command.caption, "Add synthetic captions (nucleus sampling by default, beam search with --num-beams)."))
+app.command("filter")(run_command(
+    Command.filter, "Score web and synthetic captions with one or more filters and keep those the rules keep."))
+app.command("bootstrap")(run_command(
+    Command.bootstrap, "Caption, then score the web caption and every synthetic caption and keep by the rules "
+    "(CapFilt), in one pass."))
+app.command("select")(run_command(
+    Command.select, "Re-apply keep rules to the scores of an annotated output (--mode annotate), loading no "
+    "model: exactly the rules given, else the run's own; --keep-top over the whole input."))
 
 
 @app.command()
@@ -426,8 +230,11 @@ def presets() -> None:
     labels = {name: f"{name} (default)" if name == DEFAULT_PRESET else name for name, _ in found}
     width = max(map(len, labels.values()), default=0) + 2
     for name, preset in found:
-        print(f"{labels[name]:{width}}{preset.description}\n{'':{width}}captioner {preset.captioner}\n"
-              f"{'':{width}}filter    {preset.filter}")
+        lines = [preset.description]
+        lines += [f"captioner {preset.captioner}"] if preset.captioner else []
+        lines += [f"filter    {model}" for model in preset.filters]
+        lines += [f"keep      {', '.join(preset.keep)}" + (f" (best {preset.keep_best})" if preset.keep_best else "")]
+        print(f"{labels[name]:{width}}" + f"\n{'':{width}}".join(lines))
 
 
 def main() -> None:

@@ -12,15 +12,21 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from capfilt.errors import ConfigError
+from capfilt.keep import KeepRules, KeepTop
+from capfilt.scores import check_score_name
 
 if TYPE_CHECKING:
     import torch
 
 
 class Command(str, Enum):
+    """Which parts of a preset a run takes: the captioner, the filters, or both; `select` takes neither and
+    re-applies keep rules to scores an earlier run wrote. The stages follow from the parts, not the command."""
+
     caption = "caption"
     filter = "filter"
     bootstrap = "bootstrap"
+    select = "select"
 
 
 class FilterMode(str, Enum):
@@ -68,22 +74,24 @@ class DecodingSettings:
 
 
 @dataclass(frozen=True)
-class FilterSettings:
-    """Which scores to compute and what passes: a caption is kept when every computed score passes."""
+class FilterModel:
+    """One filter of a run: a model (HF id or local directory) and the name its scores take in this run.
 
-    itm: bool = True
-    itc: bool = False
-    itm_threshold: float = 0.5
-    itc_threshold: float = 0.3
-    mode: FilterMode = FilterMode.drop
-    text_max_tokens: int = 35
+    `--filter NAME=MODEL` renames the model's scores (see `capfilt.scores.run_name`); `computes` lists the
+    family's scores this run computes, filled in when the run is planned (`capfilt.plan`)."""
 
-    def passes(self, itm_score: float | None, itc_score: float | None) -> bool:
-        if itm_score is not None and itm_score < self.itm_threshold:
-            return False
-        if itc_score is not None and itc_score < self.itc_threshold:
-            return False
-        return True
+    model: str
+    name: str | None = None
+    computes: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> FilterModel:
+        name, separator, model = text.partition("=")
+        if not separator:
+            return cls(text)
+        if not model:
+            raise ConfigError(f"--filter {text!r} names no model: write MODEL or NAME=MODEL")
+        return cls(model, check_score_name(name.strip(), "--filter name"))
 
 
 # --dtype names and the torch dtype each one names.
@@ -118,9 +126,16 @@ class RunConfig:
     input: str
     output: str
     captioner: str | None = None
-    filter: str | None = None
     decoding: DecodingSettings | None = None
-    filtering: FilterSettings | None = None
+    filters: tuple[FilterModel, ...] = ()
+    # Scores to compute besides those the keep rules use (`--scores`, names as this run calls them).
+    extra_scores: tuple[str, ...] = ()
+    # Keep rules (`itm>=0.5`); None: the defaults of the filters' families, set when the run is planned.
+    keep: tuple[str, ...] | None = None
+    keep_best: int | None = None
+    # `select` only: NAME:FRACTION, turned into a `NAME>=value` rule over the whole input when planned.
+    keep_top: tuple[str, ...] = ()
+    mode: FilterMode = FilterMode.drop
     input_format: str | None = None
     output_format: str | None = None
     caption_column: str | None = None
@@ -148,8 +163,15 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.command in (Command.caption, Command.bootstrap) and (not self.captioner or not self.decoding):
             raise ConfigError(f"'{self.command.value}' needs a captioner")
-        if self.command in (Command.filter, Command.bootstrap) and (not self.filter or not self.filtering):
+        if self.command in (Command.filter, Command.bootstrap) and not self.filters:
             raise ConfigError(f"'{self.command.value}' needs a filter")
+        if self.command is not Command.select and self.keep_top:
+            raise ConfigError("--keep-top needs the whole input's scores first: use it with 'capfilt select'")
+        KeepRules.parse(self.keep or (), self.keep_best if self.keep is not None else None)  # malformed: fail now
+        for top in self.keep_top:
+            KeepTop.parse(top)
+        for name in self.extra_scores:
+            check_score_name(name, "--scores name")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
@@ -166,8 +188,6 @@ class RunConfig:
             raise ConfigError(f"unknown --dtype {self.dtype}; choose one of auto, {', '.join(DTYPE_NAMES)}")
         if self.decoding:
             _check_decoding(self.decoding)
-        if self.filtering:
-            _check_filtering(self.filtering)
         # Last, since `auto` may import torch: every mistake above is reported without waiting for it.
         device = default_device() if self.device == "auto" else self.device
         dtype = ("float32" if device == "cpu" else "bfloat16") if self.dtype == "auto" else self.dtype
@@ -186,8 +206,7 @@ class RunConfig:
         """The settings written to `capfilt_run.json` in the output directory."""
         record = asdict(self)
         record["command"] = self.command.value
-        if self.filtering:
-            record["filtering"]["mode"] = self.filtering.mode.value
+        record["mode"] = self.mode.value
         if self.decoding:
             record["decoding"] = self.decoding.record()
         record.pop("storage_options")
@@ -205,12 +224,3 @@ def _check_decoding(d: DecodingSettings) -> None:
         raise ConfigError(f"--min-length {d.min_length} is above --max-length {d.max_length}")
     if d.repetition_penalty is not None and d.repetition_penalty <= 0:
         raise ConfigError("--repetition-penalty must be positive")
-
-
-def _check_filtering(f: FilterSettings) -> None:
-    if not (f.itm or f.itc):
-        raise ConfigError("the filter needs at least one score: itm or itc")
-    if not 0.0 <= f.itm_threshold <= 1.0:
-        raise ConfigError(f"--threshold (ITM probability) must be in [0, 1], got {f.itm_threshold}")
-    if not -1.0 <= f.itc_threshold <= 1.0:
-        raise ConfigError(f"--itc-threshold (cosine) must be in [-1, 1], got {f.itc_threshold}")

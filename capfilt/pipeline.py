@@ -23,6 +23,7 @@ from capfilt.formats.base import Shard
 from capfilt.observer import Observer
 from capfilt.output import SUMMARY_FILE, OutputDirectory
 from capfilt.paths import check_output_apart, resolve_input, resolve_output
+from capfilt.plan import plan
 from capfilt.runners import make_runner
 from capfilt.stats import RunSummary, ShardStats
 from capfilt.worker import Locations
@@ -70,9 +71,11 @@ class Pipeline:
     """A configured run: resolved input and output, this run's shards, and the runner that processes them."""
 
     def __init__(self, config: RunConfig, observer: Observer | None = None) -> None:
-        self.config = config
         self.observer = observer or Observer()
         self.locations = resolve(config)
+        # Filters' scores and keep rules settled (or refused) before any model loads or shard runs.
+        self.plan = plan(config, self.locations)
+        self.config = config = self.plan.config
         self.shards = shard_share(self.locations.shards, config.shard_index, config.num_shards)
         self.output = OutputDirectory(self.locations.fs_out, self.locations.output_dir, self.locations.output_format)
         # The models load here, before the output is touched, so that a model that cannot load is an error
@@ -83,7 +86,8 @@ class Pipeline:
     def run(self) -> RunSummary:
         """Process every shard of this run not already complete in the output; the summary covers all of them."""
         started = time.perf_counter()
-        settings = json.loads(json.dumps({"capfilt_version": __version__, **self.config.record()}))
+        settings = json.loads(json.dumps({"capfilt_version": __version__, **self.config.record(),
+                                          "scores": self.plan.record()}))
         whole_run = self.config.num_shards == 1
         self.output.lock(None if whole_run else f"{self.config.shard_index}-of-{self.config.num_shards}")
         try:

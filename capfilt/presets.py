@@ -28,17 +28,22 @@ def presets_dir() -> Path:
 
 @dataclass(frozen=True)
 class Preset:
+    """A recipe: the captioner and its decoding defaults, the filters (`MODEL` or `NAME=MODEL`) and the keep
+    rules a run takes when the command line does not say otherwise. Any part may be absent (a filtering
+    recipe names no captioner)."""
+
     name: str
     description: str
-    captioner: str
-    filter: str
+    captioner: str | None
+    filters: tuple[str, ...]
+    keep: tuple[str, ...]
+    keep_best: int | None
     prompt: str
     max_length: int
     min_length: int
     top_p: float
-    itm_threshold: float
-    itc_threshold: float
-    text_max_tokens: int
+    num_captions: int
+    num_beams: int
 
 
 def available_presets() -> list[str]:
@@ -51,22 +56,28 @@ def load_preset(name: str) -> Preset:
         raise ConfigError(f"unknown preset '{name}'; available: {', '.join(available_presets())}")
     try:
         data = tomllib.loads(path.read_text())
-        caption, filter_ = data["captioning"], data["filtering"]
+        caption = data.get("captioning", {})
         return Preset(
             name=path.stem,
             description=data.get("description", ""),
-            captioner=_resolve_model(data["captioner"], path.parent),
-            filter=_resolve_model(data["filter"], path.parent),
-            prompt=caption["prompt"],
-            max_length=int(caption["max_length"]),
-            min_length=int(caption["min_length"]),
-            top_p=float(caption["top_p"]),
-            itm_threshold=float(filter_["itm_threshold"]),
-            itc_threshold=float(filter_["itc_threshold"]),
-            text_max_tokens=int(filter_["text_max_tokens"]),
+            captioner=_resolve_model(data["captioner"], path.parent) if "captioner" in data else None,
+            filters=tuple(_resolve_filter(entry, path.parent) for entry in data.get("filters", [])),
+            keep=tuple(str(rule) for rule in data.get("keep", [])),
+            keep_best=int(data["keep_best"]) if "keep_best" in data else None,
+            prompt=str(caption.get("prompt", "a picture of ")),
+            max_length=int(caption.get("max_length", 30)),
+            min_length=int(caption.get("min_length", 10)),
+            top_p=float(caption.get("top_p", 0.9)),
+            num_captions=int(caption.get("num_captions", 1)),
+            num_beams=int(caption.get("num_beams", 1)),
         )
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as error:
         raise ConfigError(f"preset file {path} is invalid: {error!r}") from error
+
+
+def _resolve_filter(entry: str, base: Path) -> str:
+    name, separator, model = str(entry).rpartition("=")
+    return f"{name}={_resolve_model(model, base)}" if separator else _resolve_model(model, base)
 
 
 def _resolve_model(model: str, base: Path) -> str:

@@ -56,7 +56,6 @@ class RichProgress(Observer):
         self._stopped = threading.Event()
 
     def __enter__(self) -> Self:
-        self.progress.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -64,6 +63,7 @@ class RichProgress(Observer):
         self.progress.stop()
 
     def run_started(self, total_shards: int) -> None:
+        self.progress.start()  # here, not on entering: the models have loaded and their lines are printed
         self.started = time.perf_counter()
         self.shard_task = self.progress.add_task("shards", total=total_shards, rate="")
         self.sample_task = self.progress.add_task("samples", total=None, rate="", eta=True)

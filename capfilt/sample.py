@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # only a type here: reading shards (capfilt show) must not wa
 
 @dataclass
 class Caption:
-    """One caption of an image with the scores the filter gave it.
+    """One caption of an image with the scores the filters gave it, by score name, and whether it is kept.
 
     `source` is "web" for the caption that came with the image, "synthetic" for one the captioner wrote.
     Synthetic captions carry the captioner's model id and decoding settings, so that captions added by several
@@ -25,37 +25,11 @@ class Caption:
 
     text: str
     source: str
-    itm_score: float | None = None
-    itc_score: float | None = None
+    scores: dict[str, float] = field(default_factory=dict)
     kept: bool | None = None
     captioner: str | None = None
     decoding: dict[str, Any] | None = None
     count: int = 1
-
-    def synthetic_record(self) -> dict[str, Any]:
-        """The documented JSON form of a synthetic caption (`synthetic_captions[i]`)."""
-        return {
-            "text": self.text,
-            "count": self.count,
-            "itm_score": self.itm_score,
-            "itc_score": self.itc_score,
-            "kept": self.kept,
-            "captioner": self.captioner,
-            "decoding": self.decoding,
-        }
-
-    @classmethod
-    def from_synthetic_record(cls, record: dict[str, Any]) -> Caption:
-        return cls(
-            text=record["text"],
-            source="synthetic",
-            itm_score=record.get("itm_score"),
-            itc_score=record.get("itc_score"),
-            kept=record.get("kept"),
-            captioner=record.get("captioner"),
-            decoding=record.get("decoding"),
-            count=record.get("count", 1),  # outputs written before captions were counted hold each text once
-        )
 
 
 @dataclass
@@ -76,30 +50,20 @@ class Sample:
     metadata: dict[str, Any] = field(default_factory=dict)
     extra_members: dict[str, bytes] = field(default_factory=dict)
     synthetic_captions: list[Caption] = field(default_factory=list)
-    web_itm_score: float | None = None
-    web_itc_score: float | None = None
+    web_scores: dict[str, float] = field(default_factory=dict)
     web_kept: bool | None = None
     pixels: dict[str, torch.Tensor] = field(default_factory=dict)
-    # Set by an annotate-mode filter, which drops no caption: `kept_captions` then lists every caption.
+    # The judged captions' texts, best first, as the keep rules ranked them (or as an earlier run did).
+    ranking: list[str] = field(default_factory=list)
+    # Set by an annotate-mode run, which drops no caption: `kept_captions` then lists every caption.
     keeps_every_caption: bool = False
 
     def captions(self) -> list[Caption]:
-        """All captions of the sample, web first, as the filter scores them."""
+        """All captions of the sample, web first, as the filters score them."""
         web = []
         if self.web_caption is not None:
-            web = [
-                Caption(
-                    self.web_caption,
-                    "web",
-                    itm_score=self.web_itm_score,
-                    itc_score=self.web_itc_score,
-                    kept=self.web_kept,
-                )
-            ]
+            web = [Caption(self.web_caption, "web", scores=self.web_scores, kept=self.web_kept)]
         return web + list(self.synthetic_captions)
-
-    def set_web_scores(self, itm: float | None, itc: float | None, kept: bool | None) -> None:
-        self.web_itm_score, self.web_itc_score, self.web_kept = itm, itc, kept
 
 
 @dataclass

@@ -1,8 +1,11 @@
-"""The documented names under which capfilt writes captions and scores (README: "Schema").
+"""The documented names under which capfilt writes captions and scores (README: "Output schema").
 
+Scores are named by the filter families that compute them (BLIP: `itm`, `itc`; CLIP: `clip`), and each
+becomes a flat field: `web_NAME_score` for the web caption, `NAME_score` in each synthetic caption's record.
 Webdataset and files outputs put these fields in each sample's `.json` and the primary caption in `.txt`;
-Parquet outputs put them in columns of the same names and the primary caption in `primary_caption`. Reading
-them back (a `caption` run's output fed to `filter`) restores the same `Sample`.
+Parquet outputs (and the metadata Parquet beside tar and folder shards) put them in columns of the same names
+and the primary caption in `primary_caption`. Reading them back (a `caption` run's output fed to `filter`, an
+annotated output fed to `select`) restores the same `Sample`.
 
 Loaders that infer types from the first samples (Hugging Face `datasets` reads five) need each field to have
 the same JSON type in every sample: `kept_captions` is never empty in a written sample, and every other field
@@ -12,6 +15,7 @@ is null or empty in all samples of a run or in none, except where the input itse
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pyarrow as pa
@@ -19,52 +23,72 @@ import pyarrow as pa
 from capfilt.sample import Caption, Sample
 
 WEB_CAPTION = "web_caption"
-WEB_ITM = "web_itm_score"
-WEB_ITC = "web_itc_score"
 WEB_KEPT = "web_kept"
 SYNTHETIC = "synthetic_captions"
 KEPT = "kept_captions"
-CAPFILT_FIELDS = (WEB_CAPTION, WEB_ITM, WEB_ITC, WEB_KEPT, SYNTHETIC, KEPT)
 # Parquet only: what `.txt` holds in the other formats, beside the input's caption column kept as it came.
 PRIMARY = "primary_caption"
+_WEB_SCORE = re.compile(r"web_([A-Za-z][A-Za-z0-9_]*)_score")
+_SCORE = re.compile(r"([A-Za-z][A-Za-z0-9_]*)_score")
 
-# Parquet type of each field; `decoding` is a JSON string so that runs with other settings share one schema.
-SYNTHETIC_TYPE = pa.struct(
-    [
-        ("text", pa.string()),
-        ("count", pa.int64()),
-        ("itm_score", pa.float64()),
-        ("itc_score", pa.float64()),
-        ("kept", pa.bool_()),
-        ("captioner", pa.string()),
-        ("decoding", pa.string()),
+
+def web_score_field(name: str) -> str:
+    return f"web_{name}_score"
+
+
+def score_field(name: str) -> str:
+    return f"{name}_score"
+
+
+def score_names(sample: Sample) -> list[str]:
+    """The names of the scores the sample's captions have, in the order they were computed."""
+    names = dict.fromkeys(sample.web_scores)
+    for caption in sample.synthetic_captions:
+        names.update(dict.fromkeys(caption.scores))
+    return list(names)
+
+
+def is_capfilt_field(name: str) -> bool:
+    """Whether a JSON field or column is one capfilt writes (rewritten on output, never kept as metadata)."""
+    return name in (WEB_CAPTION, WEB_KEPT, SYNTHETIC, KEPT, PRIMARY) or _WEB_SCORE.fullmatch(name) is not None
+
+
+def synthetic_type(scores: list[str]) -> pa.DataType:
+    """Parquet type of a synthetic caption's record; `decoding` is a JSON string so that runs with other
+    settings share one schema."""
+    return pa.struct(
+        [("text", pa.string()), ("count", pa.int64())]
+        + [(score_field(name), pa.float64()) for name in scores]
+        + [("kept", pa.bool_()), ("captioner", pa.string()), ("decoding", pa.string())]
+    )
+
+
+def arrow_fields(scores: list[str]) -> list[pa.Field]:
+    """The Parquet columns capfilt adds, for a run whose captions have the scores `scores`."""
+    return [
+        pa.field(PRIMARY, pa.string()),
+        pa.field(WEB_CAPTION, pa.string()),
+        *(pa.field(web_score_field(name), pa.float64()) for name in scores),
+        pa.field(WEB_KEPT, pa.bool_()),
+        pa.field(SYNTHETIC, pa.list_(synthetic_type(scores))),
+        pa.field(KEPT, pa.list_(pa.string())),
     ]
-)
-ARROW_FIELDS = pa.schema(
-    [
-        (PRIMARY, pa.string()),
-        (WEB_CAPTION, pa.string()),
-        (WEB_ITM, pa.float64()),
-        (WEB_ITC, pa.float64()),
-        (WEB_KEPT, pa.bool_()),
-        (SYNTHETIC, pa.list_(SYNTHETIC_TYPE)),
-        (KEPT, pa.list_(pa.string())),
-    ]
-)
 
 
 def kept_captions(sample: Sample) -> list[str]:
-    """The captions the output keeps, each text once: those that passed the filter (best score first), then
-    those no filter judged (in their order, web first); every caption when the filter drops none (annotate
-    mode). Never empty for a written sample, so that its JSON type is the same in every sample."""
-    captions = [c for c in sample.captions() if sample.keeps_every_caption or c.kept is not False]
-    scored = sorted((c for c in captions if _is_scored(c)), key=_score_of, reverse=True)
-    return list(dict.fromkeys(c.text for c in scored + [c for c in captions if not _is_scored(c)]))
+    """The captions the output keeps, each text once: those the keep rules kept (best first), then those no
+    rule judged (in their order, web first); every caption when the run drops none (annotate mode). Never
+    empty for a written sample, so that its JSON type is the same in every sample."""
+    captions = sample.captions()
+    rank = {text: index for index, text in enumerate(sample.ranking)}
+    judged = sorted((c for c in captions if c.kept is not None), key=lambda c: rank.get(c.text, len(rank)))
+    chosen = [c for c in judged if sample.keeps_every_caption or c.kept] + [c for c in captions if c.kept is None]
+    return list(dict.fromkeys(c.text for c in chosen))
 
 
 def primary_caption(sample: Sample) -> str | None:
     """The caption a `(jpg, txt)` loader sees: the first kept caption (the best one, or the web caption when
-    nothing was scored); for a sample none of whose captions is kept, the web caption, else the first
+    nothing was judged); for a sample none of whose captions is kept, the web caption, else the first
     synthetic one."""
     kept = kept_captions(sample)
     if kept:
@@ -74,31 +98,38 @@ def primary_caption(sample: Sample) -> str | None:
     return sample.synthetic_captions[0].text if sample.synthetic_captions else None
 
 
-def _is_scored(caption: Caption) -> bool:
-    return caption.itm_score is not None or caption.itc_score is not None
-
-
-def _score_of(caption: Caption) -> float:
-    return caption.itm_score if caption.itm_score is not None else (caption.itc_score or 0.0)
+def synthetic_record(caption: Caption) -> dict[str, Any]:
+    """The documented JSON form of a synthetic caption (`synthetic_captions[i]`)."""
+    return {
+        "text": caption.text,
+        "count": caption.count,
+        **{score_field(name): value for name, value in caption.scores.items()},
+        "kept": caption.kept,
+        "captioner": caption.captioner,
+        "decoding": caption.decoding,
+    }
 
 
 def capfilt_fields(sample: Sample) -> dict[str, Any]:
     """The fields capfilt adds to a sample's JSON (and Parquet columns), with `decoding` as a dict."""
     return {
         WEB_CAPTION: sample.web_caption,
-        WEB_ITM: sample.web_itm_score,
-        WEB_ITC: sample.web_itc_score,
+        **{web_score_field(name): value for name, value in sample.web_scores.items()},
         WEB_KEPT: sample.web_kept,
-        SYNTHETIC: [c.synthetic_record() for c in sample.synthetic_captions],
+        SYNTHETIC: [synthetic_record(c) for c in sample.synthetic_captions],
         KEPT: kept_captions(sample),
     }
 
 
-def arrow_fields(sample: Sample) -> dict[str, Any]:
-    """`capfilt_fields` shaped for `ARROW_FIELDS` (decoding settings as a JSON string), with the primary caption."""
+def arrow_values(sample: Sample, scores: list[str]) -> dict[str, Any]:
+    """`capfilt_fields` shaped for `arrow_fields(scores)`: every score column (null where the sample lacks the
+    score), decoding settings as a JSON string, and the primary caption."""
     fields = {PRIMARY: primary_caption(sample), **capfilt_fields(sample)}
+    for name in scores:
+        fields.setdefault(web_score_field(name), None)
     fields[SYNTHETIC] = [
-        {**record, "decoding": json.dumps(record["decoding"], sort_keys=True) if record["decoding"] else None}
+        {**{score_field(name): None for name in scores}, **record,
+         "decoding": json.dumps(record["decoding"], sort_keys=True) if record["decoding"] else None}
         for record in fields[SYNTHETIC]
     ]
     return fields
@@ -108,19 +139,36 @@ def restore_capfilt_fields(sample: Sample) -> None:
     """Move capfilt fields found in `sample.metadata` (output of an earlier run) back into the sample.
 
     The web caption recorded there wins over the reader's caption, since an earlier run may have replaced
-    `.txt` with its primary caption.
+    `.txt` with its primary caption. A score recorded as null (a Parquet column another sample filled) is
+    one this caption does not have.
     """
     meta = sample.metadata
-    if WEB_CAPTION in meta:
-        sample.web_caption = meta[WEB_CAPTION]
-    sample.set_web_scores(meta.get(WEB_ITM), meta.get(WEB_ITC), meta.get(WEB_KEPT))
+    if WEB_CAPTION not in meta and SYNTHETIC not in meta:
+        return  # not written by capfilt: fields that merely look like ours stay the input's own
+    sample.web_caption = meta.get(WEB_CAPTION, sample.web_caption)
+    sample.web_kept = meta.get(WEB_KEPT)
+    for field, value in meta.items():
+        match = _WEB_SCORE.fullmatch(field)
+        if match and value is not None:
+            sample.web_scores[match.group(1)] = value
     for record in meta.get(SYNTHETIC) or []:
         decoding = record.get("decoding")
         if isinstance(decoding, str):
-            record = {**record, "decoding": json.loads(decoding)}
-        sample.synthetic_captions.append(Caption.from_synthetic_record(record))
-    for name in ARROW_FIELDS.names:  # the JSON fields and Parquet's `primary_caption`, rewritten on output
-        meta.pop(name, None)
+            decoding = json.loads(decoding)
+        scores = {}
+        for field, value in record.items():
+            match = _SCORE.fullmatch(field)
+            if match and value is not None:
+                scores[match.group(1)] = value
+        sample.synthetic_captions.append(Caption(
+            text=record["text"], source="synthetic", scores=scores, kept=record.get("kept"),
+            captioner=record.get("captioner"), decoding=decoding,
+            count=record.get("count", 1),  # outputs written before captions were counted hold each text once
+        ))
+    ranking = meta.get(KEPT)
+    sample.ranking = [text for text in ranking if isinstance(text, str)] if isinstance(ranking, list) else []
+    for name in [name for name in meta if is_capfilt_field(name)]:
+        meta.pop(name)
 
 
 def sample_from_dropped_record(record: dict[str, Any]) -> Sample:

@@ -1,6 +1,7 @@
 """Pipeline steps. Each takes a `Batch` and returns it with its work done and what fell out moved aside.
 
-caption, filter and bootstrap are the same pipeline with steps left out: decode → caption → filter.
+A run is the list decode → captioner → filters (each adds its scores) → keep rules; caption, filter,
+bootstrap and select are that list with parts left out (select: the keep rules alone, on scores read back).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from capfilt.config import FilterMode, FilterSettings
+from capfilt.config import FilterMode
 from capfilt.decode import DecodeError, decode_image
-from capfilt.models.base import Captioner, CaptionScores, Filter, ImageModel
+from capfilt.keep import KeepRules
+from capfilt.models.base import Captioner, Filter, ImageModel
 from capfilt.sample import Caption, Reject, Sample
+from capfilt.scores import Score
 from capfilt.stats import ShardStats
 
 
@@ -92,62 +95,77 @@ class CaptionStage(Stage):
             counts = Counter(texts)  # in the order the captioner gave them
             for text, count in counts.items():
                 sample.synthetic_captions.append(
-                    Caption(
-                        text, "synthetic", captioner=self.captioner.model_id, decoding=dict(self.decoding), count=count
-                    )
+                    Caption(text, "synthetic", captioner=self.captioner.model_id, decoding=dict(self.decoding),
+                            count=count)
                 )
             stats.synthetic_captions_added += len(counts)
             stats.duplicate_captions += len(texts) - len(counts)
         return batch
 
 
-class FilterStage(Stage):
-    """Scores every caption, web and synthetic, marks which pass, and drops images with no passing caption
-    (in `drop` mode). An image with no caption at all cannot be filtered and is rejected. A text an image has
-    twice (a synthetic caption equal to the web caption) is scored once."""
+class ScoreStage(Stage):
+    """Adds one filter's scores to every caption, web and synthetic, under the names the run gives them
+    (`scores`: the family's name of each score computed → the run's `Score`). A text an image has twice (a
+    synthetic caption equal to the web caption) is scored once."""
 
-    name = "filter"
-
-    def __init__(self, filter_: Filter, settings: FilterSettings) -> None:
+    def __init__(self, filter_: Filter, scores: dict[str, Score]) -> None:
         self.filter = filter_
-        self.settings = settings
+        self.scores = scores
+        self.name = f"score-{'-'.join(score.name for score in scores.values())}"
+
+    def process(self, batch: Batch, stats: ShardStats) -> Batch:
+        scorable = [sample for sample in batch.samples if sample.captions()]
+        if not scorable:
+            return batch
+        texts = [list(dict.fromkeys(c.text for c in s.captions())) for s in scorable]
+        results = self.filter.score_pixels(stack_pixels(scorable, self.filter), texts, list(self.scores))
+        for family_name, score in self.scores.items():
+            stats.add_scores(score.name, [pair[family_name] for pairs in results for pair in pairs],
+                             score.low, score.high)
+        for sample, sample_texts, sample_scores in zip(scorable, texts, results):
+            by_text = dict(zip(sample_texts, sample_scores))
+            if sample.web_caption is not None:
+                sample.web_scores.update(self._named(by_text[sample.web_caption]))
+            for caption in sample.synthetic_captions:
+                caption.scores.update(self._named(by_text[caption.text]))
+        return batch
+
+    def _named(self, values: dict[str, float]) -> dict[str, float]:
+        return {score.name: values[family_name] for family_name, score in self.scores.items()}
+
+
+class KeepStage(Stage):
+    """Applies the keep rules to every caption's scores: marks which captions are kept, ranks them, and drops
+    images with no kept caption (in `drop` mode). An image with no caption at all cannot be judged and is
+    rejected."""
+
+    name = "keep"
+
+    def __init__(self, rules: KeepRules, mode: FilterMode) -> None:
+        self.rules = rules
+        self.mode = mode
 
     def process(self, batch: Batch, stats: ShardStats) -> Batch:
         result = Batch([], batch.rejects, batch.dropped)
-        scorable = []
         for sample in batch.samples:
-            if sample.captions():
-                scorable.append(sample)
-            else:
-                result.rejects.append(Reject(sample.key, "missing_caption", "no web or synthetic caption to filter"))
-        if not scorable:
-            return result
-        texts = [list(dict.fromkeys(c.text for c in s.captions())) for s in scorable]
-        scores = self.filter.score_pixels(
-            stack_pixels(scorable, self.filter), texts, self.settings.itm, self.settings.itc
-        )
-        for kind in ("itm", "itc"):
-            values = [getattr(score, kind) for pairs in scores for score in pairs if getattr(score, kind) is not None]
-            if values:
-                stats.add_scores(kind, values)
-        for sample, sample_texts, sample_scores in zip(scorable, texts, scores):
-            self._apply(sample, dict(zip(sample_texts, sample_scores)), stats)
-            sample.keeps_every_caption = self.settings.mode is FilterMode.annotate
-            if self.settings.mode is FilterMode.drop and not any(c.kept for c in sample.captions()):
+            captions = sample.captions()
+            if not captions:
+                result.rejects.append(Reject(sample.key, "missing_caption", "no web or synthetic caption to judge"))
+                continue
+            distinct = {}
+            for caption in captions:
+                distinct.setdefault(caption.text, caption.scores)
+            kept, sample.ranking = self.rules.judge(list(distinct.items()))
+            if sample.web_caption is not None:
+                sample.web_kept = kept[sample.web_caption]
+                stats.web_captions_kept += sample.web_kept
+            for caption in sample.synthetic_captions:
+                caption.kept = kept[caption.text]
+            stats.captions_scored += len(kept)
+            stats.captions_kept += sum(kept.values())
+            sample.keeps_every_caption = self.mode is FilterMode.annotate
+            if self.mode is FilterMode.drop and not any(kept.values()):
                 result.dropped.append(sample)
             else:
                 result.samples.append(sample)
         return result
-
-    def _apply(self, sample: Sample, scores_by_text: dict[str, CaptionScores], stats: ShardStats) -> None:
-        if sample.web_caption is not None:
-            web = scores_by_text[sample.web_caption]
-            kept = self.settings.passes(web.itm, web.itc)
-            sample.set_web_scores(web.itm, web.itc, kept)
-            stats.web_captions_kept += kept
-        for caption in sample.synthetic_captions:
-            score = scores_by_text[caption.text]
-            caption.itm_score, caption.itc_score = score.itm, score.itc
-            caption.kept = self.settings.passes(score.itm, score.itc)
-        stats.captions_scored += len(scores_by_text)
-        stats.captions_kept += len({c.text for c in sample.captions() if c.kept})

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 HISTOGRAM_BINS = 1000
-SCORE_RANGES = {"itm": (0.0, 1.0), "itc": (-1.0, 1.0)}
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
@@ -39,8 +38,10 @@ COUNT_FIELDS = [f.name for f in fields(Counts) if f.name != "reject_reasons"]
 @dataclass
 class ShardStats(Counts):
     shard: str = ""
-    # Sparse histograms of the scores: {kind: {bin index: count}} over SCORE_RANGES[kind].
+    # Sparse histograms of the scores, {name: {bin index: count}}, over each score's declared range
+    # {name: [low, high]}, recorded so that stats merge without knowing the models that computed them.
     histograms: dict[str, dict[str, int]] = field(default_factory=dict)
+    score_ranges: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
     # Why the shard failed, in one line: a read error (the samples read before it are processed and counted),
     # or an exception processing it, which abandons the shard (nothing of it is written or counted) and sets
@@ -57,10 +58,12 @@ class ShardStats(Counts):
         self.rejected += 1
         self.reject_reasons[reason] = self.reject_reasons.get(reason, 0) + 1
 
-    def add_scores(self, kind: str, scores: list[float]) -> None:
-        low, high = SCORE_RANGES[kind]
-        counts, _ = np.histogram(np.clip(scores, low, high), bins=HISTOGRAM_BINS, range=(low, high))
-        histogram = self.histograms.setdefault(kind, {})
+    def add_scores(self, name: str, scores: list[float], low: float, high: float) -> None:
+        self.score_ranges[name] = [low, high]
+        finite = np.asarray(scores, dtype=np.float64)
+        finite = finite[~np.isnan(finite)]
+        counts, _ = np.histogram(np.clip(finite, low, high), bins=HISTOGRAM_BINS, range=(low, high))
+        histogram = self.histograms.setdefault(name, {})
         for index in np.flatnonzero(counts):
             histogram[str(index)] = histogram.get(str(index), 0) + int(counts[index])
 
@@ -84,10 +87,13 @@ class RunSummary(Counts):
         summary = cls(shards=len(shard_stats), seconds=round(seconds, 3))
         reasons: Counter[str] = Counter()
         histograms: dict[str, np.ndarray] = {}
+        ranges: dict[str, tuple[float, float]] = {}
         for stats in shard_stats:
             for name in COUNT_FIELDS:
                 setattr(summary, name, getattr(summary, name) + getattr(stats, name))
             reasons.update(stats.reject_reasons)
+            for name, (low, high) in stats.score_ranges.items():
+                ranges[name] = (low, high)
             for kind, sparse in stats.histograms.items():
                 counts = histograms.setdefault(kind, np.zeros(HISTOGRAM_BINS, dtype=np.int64))
                 for index, count in sparse.items():
@@ -95,19 +101,20 @@ class RunSummary(Counts):
             if stats.error:
                 summary.failed_shards[stats.shard] = stats.error
         summary.reject_reasons = dict(sorted(reasons.items()))
-        summary.score_quantiles = {kind: histogram_quantiles(kind, counts) for kind, counts in histograms.items()}
+        summary.score_quantiles = {
+            name: histogram_quantiles(counts, *ranges[name]) for name, counts in histograms.items() if name in ranges
+        }
         return summary
 
     def record(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def histogram_quantiles(kind: str, counts: np.ndarray) -> dict[str, float]:
+def histogram_quantiles(counts: np.ndarray, low: float, high: float) -> dict[str, float]:
     """Quantiles to the bin width (1/1000 of the score range)."""
     total = int(counts.sum())
     if total == 0:
         return {}
-    low, high = SCORE_RANGES[kind]
     cumulative = np.cumsum(counts)
     width = (high - low) / HISTOGRAM_BINS
     result = {}

@@ -1,4 +1,4 @@
-"""Turns one input shard into its output shard, side files and stats: read → decode → caption → filter → write.
+"""Turns one input shard into its output shard, side files and stats: read → decode → caption → score → keep → write.
 
 A `ShardWorker` holds the loaded models and is reused for shard after shard; every runner (in-process, one
 process per GPU, Ray actors) drives the same worker. The shard is the unit of work: its output shard, rejects,
@@ -26,17 +26,19 @@ import torch
 from fsspec import AbstractFileSystem
 
 from capfilt.background import in_background
-from capfilt.config import Command, RunConfig
+from capfilt.config import RunConfig
 from capfilt.decode import DEFAULT_MAX_PIXELS
 from capfilt.errors import ShardReadError, one_line
 from capfilt.formats.base import Format, Shard
+from capfilt.keep import KeepRules
 from capfilt.models import load_captioner, load_filter
 from capfilt.models.base import ImageModel
 from capfilt.observer import Observer
 from capfilt.output import OutputDirectory
 from capfilt.sample import Reject
 from capfilt.schema import capfilt_fields
-from capfilt.stages import Batch, CaptionStage, DecodeStage, FilterStage, Stage
+from capfilt.scores import run_name
+from capfilt.stages import Batch, CaptionStage, DecodeStage, KeepStage, ScoreStage, Stage
 from capfilt.stats import ShardStats
 from capfilt.threads import decode_worker_threads, model_stage_threads, use_threads
 
@@ -66,21 +68,28 @@ class ShardWorker:
                                            initargs=(decode_worker_threads(config.device),))
         self.stage_batch_limit: dict[str, int] = {}
         self.models: list[ImageModel] = []
-        self.stages = self._build_model_stages()
-        self.stage_threads = model_stage_threads(config.threads, len(self.stages), config.device)
-        self.decode = DecodeStage(self.executor, DEFAULT_MAX_PIXELS, self.models)
+        self.stages = self._build_stages()
+        self.stage_threads = model_stage_threads(config.threads, len(self.models), config.device)
+        # A run without models (select) reads scores and never decodes an image.
+        self.decode = DecodeStage(self.executor, DEFAULT_MAX_PIXELS, self.models) if self.models else None
 
-    def _build_model_stages(self) -> list[Stage]:
+    def _build_stages(self) -> list[Stage]:
+        """The run's stages after decoding, from the parts its (planned) config has: the captioner, each filter,
+        the keep rules."""
         c = self.config
         stages: list[Stage] = []
-        if c.command in (Command.caption, Command.bootstrap):
+        if c.captioner:
             captioner = load_captioner(c.captioner, c.decoding, c.device, c.torch_dtype, c.sdpa)
             self.models.append(captioner)
             stages.append(CaptionStage(captioner))
-        if c.command in (Command.filter, Command.bootstrap):
-            filter_ = load_filter(c.filter, c.device, c.torch_dtype, c.filtering.text_max_tokens, c.sdpa)
+        for spec in c.filters:
+            filter_ = load_filter(spec.model, c.device, c.torch_dtype, c.sdpa)
             self.models.append(filter_)
-            stages.append(FilterStage(filter_, c.filtering))
+            named = {score.name: score.renamed(run_name(score.name, spec.name, len(filter_.scores)))
+                     for score in filter_.scores if score.name in spec.computes}
+            stages.append(ScoreStage(filter_, named))
+        if c.keep is not None:
+            stages.append(KeepStage(KeepRules.parse(c.keep, c.keep_best), c.mode))
         return stages
 
     def close(self) -> None:
@@ -189,12 +198,15 @@ class ShardWorker:
                     batch.samples.append(item)
                 if len(batch.samples) + len(batch.rejects) >= self.config.batch_size:
                     stats.read += len(batch.samples) + len(batch.rejects)
-                    yield self.decode.process(batch, stats)
+                    yield self._decoded(batch, stats)
                     batch = Batch([])
         except ShardReadError as error:
             stats.error = str(error)
         stats.read += len(batch.samples) + len(batch.rejects)
-        yield self.decode.process(batch, stats)
+        yield self._decoded(batch, stats)
+
+    def _decoded(self, batch: Batch, stats: ShardStats) -> Batch:
+        return self.decode.process(batch, stats) if self.decode else batch
 
 
 class StepFailed(Exception):

@@ -98,7 +98,7 @@ def restore_fields(sample: Sample) -> str | None:
         return f"malformed capfilt fields: {error!r}"
     if not isinstance(sample.web_caption, (str, type(None))):
         return f"web_caption is of type {type(sample.web_caption).__name__}, not text"
-    scores = [(sample.web_itm_score, sample.web_itc_score, sample.web_kept, "web")]
+    scores = [(sample.web_scores, sample.web_kept, "web")]
     for caption in sample.synthetic_captions:
         if not isinstance(caption.text, str):
             return f"a synthetic caption's text is of type {type(caption.text).__name__}, not text"
@@ -106,9 +106,9 @@ def restore_fields(sample: Sample) -> str | None:
             return f"synthetic caption {caption.text!r} has a malformed captioner or decoding"
         if not isinstance(caption.count, int) or isinstance(caption.count, bool) or caption.count < 1:
             return f"synthetic caption {caption.text!r} has a count that is not a positive integer"
-        scores.append((caption.itm_score, caption.itc_score, caption.kept, repr(caption.text)))
-    for itm, itc, kept, name in scores:
-        if not all(_is_score(score) for score in (itm, itc)) or not isinstance(kept, (bool, type(None))):
+        scores.append((caption.scores, caption.kept, repr(caption.text)))
+    for values, kept, name in scores:
+        if not all(_is_score(score) for score in values.values()) or not isinstance(kept, (bool, type(None))):
             return f"caption {name} has scores or a decision of the wrong type"
     return None
 

@@ -10,13 +10,13 @@ other column goes into `Sample.metadata`. Rows are read a batch at a time, never
 Write from a Parquet input (given its `TableLayout`): every input column with its exact type and the schema's
 metadata, the image and the caption written back the same way (the caption as it came in: the primary caption
 has a column of its own), a `key` column added when the input had none (so keys stay stable once rows are
-dropped), then `ARROW_FIELDS` (`primary_caption` first).
+dropped), then capfilt's columns (`capfilt.schema.arrow_fields`, `primary_caption` first).
 
 Write from another format: columns `key`, the image column (`jpg`, `png` or `webp` after the first sample's
 image type, else `image`), `caption` (the web caption, the `.txt` that came in),
 `json` (the sample's whole JSON metadata as text: it may nest and
 vary from sample to sample, which columns could not hold), `extra_members` (other members as
-[{ext, data}], null when none), then `ARROW_FIELDS`. The schema metadata key `capfilt` marks the `json` and
+[{ext, data}], null when none), then capfilt's columns. The schema metadata key `capfilt` marks the `json` and
 `extra_members` columns, so that reading the file back restores the same samples. An image read from Parquet
 takes the extension its bytes show (so a `.jpeg` member comes back as `.jpg`).
 """
@@ -38,7 +38,7 @@ from capfilt.errors import ShardReadError
 from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, restore_fields, temporary_path
 from capfilt.formats.webdataset import IMAGE_EXTS, json_bytes, list_named
 from capfilt.sample import Reject, Sample
-from capfilt.schema import ARROW_FIELDS, arrow_fields
+from capfilt.schema import arrow_fields, arrow_values, is_capfilt_field, score_names
 
 IMAGE_COLUMNS = ("jpg", "png", "webp", "image")
 CAPTION_COLUMNS = ("caption", "text", "txt")
@@ -224,13 +224,15 @@ class ParquetShardWriter(ShardWriter):
     """Buffers rows and writes them as row groups of `NAME.parquet.<unique>.tmp`, renamed to `NAME.parquet` on commit.
 
     The schema is fixed when the first sample arrives (its image type names the image column when there is no
-    input layout), so the file is created then, or at commit for an empty shard.
+    input layout, its scores name the score columns: every sample of a run has the same), so the file is
+    created then, or at commit for an empty shard.
     """
 
     def __init__(self, fs: AbstractFileSystem, path: str, layout: TableLayout | None) -> None:
         self._fs, self._path, self._tmp = fs, path, temporary_path(path)
         self._input_layout = layout
         self._layout: TableLayout | None = None
+        self._scores: list[str] = []
         self._file: Any = None
         self._writer: pq.ParquetWriter | None = None
         self._rows: list[dict[str, Any]] = []
@@ -239,8 +241,8 @@ class ParquetShardWriter(ShardWriter):
     def write(self, sample: Sample) -> None:
         if sample.image_bytes is None:
             raise ValueError(f"sample {sample.key!r} has no image to write")
-        layout = self._open(sample.image_ext)
-        self._rows.append(_row(sample, layout))
+        layout = self._open(sample)
+        self._rows.append(_row(sample, layout, self._scores))
         self._buffered_bytes += len(sample.image_bytes)
         if len(self._rows) >= _ROW_GROUP_ROWS or self._buffered_bytes >= _ROW_GROUP_BYTES:
             self._flush()
@@ -263,12 +265,13 @@ class ParquetShardWriter(ShardWriter):
         if self._fs.exists(self._tmp):
             self._fs.rm(self._tmp)
 
-    def _open(self, image_ext: str | None) -> TableLayout:
+    def _open(self, first: Sample | None) -> TableLayout:
         if self._layout is None:
+            self._scores = score_names(first) if first is not None else []
             if self._input_layout is not None:
-                self._layout = _output_layout_from(self._input_layout)
+                self._layout = _output_layout_from(self._input_layout, self._scores)
             else:
-                self._layout = _output_layout_for(image_ext)
+                self._layout = _output_layout_for(first.image_ext if first is not None else None, self._scores)
             self._fs.makedirs(posixpath.dirname(self._path), exist_ok=True)
             self._file = self._fs.open(self._tmp, "wb")
             self._writer = pq.ParquetWriter(self._file, self._layout.schema)
@@ -281,12 +284,12 @@ class ParquetShardWriter(ShardWriter):
         self._rows, self._buffered_bytes = [], 0
 
 
-def _output_layout_from(source: TableLayout) -> TableLayout:
-    """The input's columns (earlier capfilt columns dropped), a key column when it lacked one, then
-    ARROW_FIELDS; Hugging Face features in the schema metadata get entries for the new columns."""
-    fields = [field for field in source.schema if field.name not in ARROW_FIELDS.names]
+def _output_layout_from(source: TableLayout, scores: list[str]) -> TableLayout:
+    """The input's columns (earlier capfilt columns dropped), a key column when it lacked one, then capfilt's
+    columns; Hugging Face features in the schema metadata get entries for the new columns."""
+    fields = [field for field in source.schema if not is_capfilt_field(field.name)]
     added = [pa.field(KEY_COLUMN, pa.string())] if source.key_column is None else []
-    added += list(ARROW_FIELDS)
+    added += arrow_fields(scores)
     metadata = _with_hf_features(source.schema.metadata, added)
     return TableLayout(
         schema=pa.schema(fields + added, metadata=metadata),
@@ -298,7 +301,7 @@ def _output_layout_from(source: TableLayout) -> TableLayout:
     )
 
 
-def _output_layout_for(image_ext: str | None) -> TableLayout:
+def _output_layout_for(image_ext: str | None, scores: list[str]) -> TableLayout:
     """The layout of a Parquet output converted from webdataset or files samples."""
     ext = (image_ext or "jpg").lower()
     ext = "jpg" if ext == "jpeg" else ext
@@ -309,7 +312,7 @@ def _output_layout_for(image_ext: str | None) -> TableLayout:
         pa.field(CAPTION_COLUMNS[0], pa.string()),
         pa.field(JSON_COLUMN, pa.string()),
         pa.field(EXTRA_MEMBERS_COLUMN, EXTRA_MEMBERS_TYPE),
-        *ARROW_FIELDS,
+        *arrow_fields(scores),
     ]
     marks = {"json_column": JSON_COLUMN, "extra_members_column": EXTRA_MEMBERS_COLUMN}
     return TableLayout(
@@ -322,11 +325,11 @@ def _output_layout_for(image_ext: str | None) -> TableLayout:
     )
 
 
-def _row(sample: Sample, layout: TableLayout) -> dict[str, Any]:
+def _row(sample: Sample, layout: TableLayout, scores: list[str]) -> dict[str, Any]:
     schema = layout.schema
     roles = {layout.image_column, layout.caption_column, layout.key_column, layout.json_column}
-    roles |= {layout.extra_members_column, *ARROW_FIELDS.names}
-    plain = [name for name in schema.names if name not in roles]
+    roles.add(layout.extra_members_column)
+    plain = [name for name in schema.names if name not in roles and not is_capfilt_field(name)]
     row = {name: sample.metadata.get(name) for name in plain}
     image_type = schema.field(layout.image_column).type
     if _is_image_struct(image_type):
@@ -347,7 +350,7 @@ def _row(sample: Sample, layout: TableLayout) -> dict[str, Any]:
     if layout.extra_members_column:
         members = [{"ext": ext, "data": data} for ext, data in sample.extra_members.items()]
         row[layout.extra_members_column] = members or None
-    row.update(arrow_fields(sample))
+    row.update(arrow_values(sample, scores))
     return row
 
 

@@ -1,4 +1,8 @@
-"""Model families behind the captioner and filter interfaces, chosen from the checkpoint's `model_type`."""
+"""Model families behind the captioner and filter interfaces, chosen from the checkpoint's `model_type`.
+
+Importing a family module registers it (`capfilt.models.registry`); a new family is one module here and
+one import below.
+"""
 
 from __future__ import annotations
 
@@ -7,47 +11,47 @@ from transformers import AutoConfig
 
 from capfilt.errors import ModelLoadError
 from capfilt.log import logger
-from capfilt.models.base import Captioner, CaptionScores, DecodingSettings, Filter
-from capfilt.models.blip import BlipCaptioner, BlipFilter
+from capfilt.models import blip, clip  # noqa: F401  (each registers its family)
+from capfilt.models.base import Captioner, DecodingSettings, Filter
 from capfilt.models.loading import load_pretrained
+from capfilt.models.registry import CAPTIONERS, FILTERS
 
-CAPTIONERS: dict[str, type[Captioner]] = {"blip": BlipCaptioner}
-FILTERS: dict[str, type[Filter]] = {"blip": BlipFilter}
-
-__all__ = ["CaptionScores", "Captioner", "DecodingSettings", "Filter", "check_models", "load_captioner", "load_filter"]
+__all__ = ["Captioner", "DecodingSettings", "Filter", "captioner_family", "filter_family", "load_captioner",
+           "load_filter"]
 
 
-def model_family(model_id: str, role: str, families: dict) -> str:
+def _family(model_id: str, role: str, families: dict[str, type]) -> type:
     model_type = load_pretrained(AutoConfig, model_id, role).model_type
     if model_type not in families:
         raise ModelLoadError(
             f"the {role} {model_id} is a '{model_type}' model; capfilt supports: {', '.join(sorted(families))}"
         )
-    return model_type
+    return families[model_type]
+
+
+def captioner_family(model_id: str) -> type[Captioner]:
+    """The family class of a captioner checkpoint, from its config alone (no weights load)."""
+    return _family(model_id, "captioner", CAPTIONERS)
+
+
+def filter_family(model_id: str) -> type[Filter]:
+    """The family class of a filter checkpoint, from its config alone: its declared scores and defaults."""
+    return _family(model_id, "filter", FILTERS)
 
 
 def load_captioner(
     model_id: str, settings: DecodingSettings, device: str, dtype: torch.dtype, sdpa: bool = True
 ) -> Captioner:
-    family = model_family(model_id, "captioner", CAPTIONERS)
+    family = captioner_family(model_id)
     logger.info("loading the captioner %s on %s (%s)", model_id, device, dtype_name(dtype))
-    return CAPTIONERS[family](model_id, settings, device, dtype, sdpa=sdpa)
+    return family(model_id, settings, device, dtype, sdpa=sdpa)
 
 
-def load_filter(model_id: str, device: str, dtype: torch.dtype, text_max_tokens: int, sdpa: bool = True) -> Filter:
-    family = model_family(model_id, "filter", FILTERS)
+def load_filter(model_id: str, device: str, dtype: torch.dtype, sdpa: bool = True) -> Filter:
+    family = filter_family(model_id)
     logger.info("loading the filter %s on %s (%s)", model_id, device, dtype_name(dtype))
-    return FILTERS[family](model_id, device, dtype, text_max_tokens, sdpa=sdpa)
+    return family(model_id, device, dtype, sdpa=sdpa)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def check_models(captioner: str | None, filter_: str | None) -> None:
-    """That the models exist and are of a supported family (their configs only), for a process that will
-    not load them itself but hand them to workers."""
-    if captioner:
-        model_family(captioner, "captioner", CAPTIONERS)
-    if filter_:
-        model_family(filter_, "filter", FILTERS)

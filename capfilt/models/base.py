@@ -1,26 +1,21 @@
 """The two model interfaces the pipeline sees: a captioner and a filter.
 
-A new model family (BLIP-2, CLIP, ...) is one module implementing these, registered in `capfilt.models`.
+A new model family (BLIP-2, CLIP, ...) is one module implementing these, registered beside its code with
+`capfilt.models.registry.register_captioner` / `register_filter` under its checkpoints' `model_type`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Collection
+from typing import ClassVar
 
 import torch
 from PIL import Image
 
 # Defined with the run's other settings, which must not import torch; models take it from here.
 from capfilt.config import DecodingSettings
-
-
-@dataclass(frozen=True)
-class CaptionScores:
-    """The filter's scores for one image-caption pair; a score not asked for is None."""
-
-    itm: float | None
-    itc: float | None
+from capfilt.scores import Score
 
 
 class ImageModel(ABC):
@@ -58,16 +53,25 @@ class Captioner(ImageModel):
 
 
 class Filter(ImageModel):
-    """Scores image-caption pairs: ITM match probability and/or ITC cosine."""
+    """Scores image-caption pairs. A family declares the scores it can compute; only it knows their names."""
+
+    # Every score the family can compute, the ones it computes when no rule asks for others, and the keep rules
+    # a run uses when none are given (in the family's own score names).
+    scores: ClassVar[tuple[Score, ...]]
+    default_scores: ClassVar[tuple[str, ...]]
+    default_keep: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    def __init__(self, model_id: str, device: str, dtype: torch.dtype, sdpa: bool = True) -> None: ...
 
     @abstractmethod
     def score_pixels(
-        self, pixels: torch.Tensor, captions: list[list[str]], itm: bool, itc: bool
-    ) -> list[list[CaptionScores]]:
-        """Scores for every caption of every image (stacked `preprocess` outputs); each image is encoded once
-        for all its captions."""
+        self, pixels: torch.Tensor, captions: list[list[str]], names: Collection[str]
+    ) -> list[list[dict[str, float]]]:
+        """The scores `names` (of `scores`) of every caption of every image (stacked `preprocess` outputs), as
+        {name: value} in caption order; each image is encoded once for all its captions."""
 
     def score(
-        self, images: list[Image.Image], captions: list[list[str]], itm: bool, itc: bool
-    ) -> list[list[CaptionScores]]:
-        return self.score_pixels(self.preprocess_all(images), captions, itm, itc)
+        self, images: list[Image.Image], captions: list[list[str]], names: Collection[str]
+    ) -> list[list[dict[str, float]]]:
+        return self.score_pixels(self.preprocess_all(images), captions, names)

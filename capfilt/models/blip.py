@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Collection
 from dataclasses import replace
 
 import torch
@@ -29,13 +30,15 @@ from transformers import (
 )
 
 from capfilt.errors import ModelLoadError, one_line
-from capfilt.models.base import Captioner, CaptionScores, DecodingSettings, Filter, ImageModel
+from capfilt.models.base import Captioner, DecodingSettings, Filter, ImageModel
 from capfilt.models.blip_decoding import BlipDecoder
 from capfilt.models.fast_attention import PairImageCache, cache_argument, use_library_attention, use_sdpa
 from capfilt.models.fast_paths import checked, close, failure, probe_picture, same_tokens
 from capfilt.models.loading import load_pretrained
+from capfilt.models.registry import register_captioner, register_filter
 from capfilt.models.preprocess import Preprocess, choose_preprocess, processor_preprocess
 from capfilt.models.sampling import KeyedGumbelNoise, sample_seed
+from capfilt.scores import Score
 
 
 class BlipImageInput(ImageModel):
@@ -73,6 +76,7 @@ class BlipImageInput(ImageModel):
                               f"{transformers.__version__}: {one_line(error)}")
 
 
+@register_captioner("blip")
 class BlipCaptioner(BlipImageInput, Captioner):
     role = "captioner"
 
@@ -243,22 +247,32 @@ def strip_prompt(text: str, prompt: str) -> str:
     return text.strip()
 
 
+@register_filter("blip")
 class BlipFilter(BlipImageInput, Filter):
+    """BLIP's image-text matching head (`itm`, the softmaxed match probability) and its contrastive cosine
+    (`itc`), as `BlipForImageTextRetrieval(..., use_itm_head=True/False)` computes them."""
+
     role = "filter"
+    scores = (
+        Score("itm", 0.0, 1.0, "BLIP image-text match probability (ITM head, softmaxed)"),
+        Score("itc", -1.0, 1.0, "BLIP cosine of the projected image and text embeddings (ITC)"),
+    )
+    default_scores = ("itm",)
+    default_keep = ("itm>=0.5",)  # the BLIP authors' CapFilt threshold
+    # BLIP's ITM/ITC text encoder saw at most 35 tokens in training.
+    text_max_tokens = 35
 
     def __init__(
         self,
         model_id: str,
         device: str,
         dtype: torch.dtype,
-        text_max_tokens: int,
         sdpa: bool = True,
         pair_batch_size: int | None = None,
     ) -> None:
         self.model_id = model_id
         self.device = torch.device(device)
         self.dtype = dtype
-        self.text_max_tokens = text_max_tokens
         # Pairs per text pass; fixed per device (not per run) so that outputs do not depend on --batch-size.
         # Small on CPU, where padding rows cost their full compute and batching gains little.
         self.pair_batch_size = pair_batch_size or (16 if self.device.type == "cpu" else 32)
@@ -284,8 +298,8 @@ class BlipFilter(BlipImageInput, Filter):
                 raise self.unusable(error) from error
 
         def check_passes() -> None:
-            scores = [score for pairs in self.score_pixels(images, captions, itm=True, itc=True) for score in pairs]
-            actual = torch.tensor([[score.itm for score in scores], [score.itc for score in scores]])
+            scores = [score for pairs in self.score_pixels(images, captions, ("itm", "itc")) for score in pairs]
+            actual = torch.tensor([[score["itm"] for score in scores], [score["itc"] for score in scores]])
             close(actual, expected, self.dtype, "scores")
 
         @torch.inference_mode()
@@ -328,8 +342,9 @@ class BlipFilter(BlipImageInput, Filter):
 
     @torch.inference_mode()
     def score_pixels(
-        self, pixels: torch.Tensor, captions: list[list[str]], itm: bool, itc: bool
-    ) -> list[list[CaptionScores]]:
+        self, pixels: torch.Tensor, captions: list[list[str]], names: Collection[str]
+    ) -> list[list[dict[str, float]]]:
+        itm, itc = "itm" in names, "itc" in names
         texts = [text for image_texts in captions for text in image_texts]
         pair_images = torch.tensor([i for i, image_texts in enumerate(captions) for _ in image_texts])
         if not texts:
@@ -366,7 +381,8 @@ class BlipFilter(BlipImageInput, Filter):
         # One copy to the host for the whole batch: no device sync per pass.
         itm_scores = dict(zip(order, torch.cat(itm_parts).tolist())) if itm else {}
         itc_scores = dict(zip(order, torch.cat(itc_parts).tolist())) if itc else {}
-        scores = [CaptionScores(itm_scores.get(pair), itc_scores.get(pair)) for pair in range(len(texts))]
+        scores = [{**({"itm": itm_scores[pair]} if itm else {}), **({"itc": itc_scores[pair]} if itc else {})}
+                  for pair in range(len(texts))]
         result, offset = [], 0
         for image_texts in captions:
             result.append(scores[offset : offset + len(image_texts)])

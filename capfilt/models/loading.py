@@ -40,6 +40,9 @@ def first_line(error: Exception) -> str:
 
 def load_pretrained(cls: Any, model_id: str, role: str, **kwargs: Any) -> Any:
     """`cls.from_pretrained(model_id)` with a one-line `ModelLoadError` instead of retries and tracebacks."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # capfilt prints one line per model; its run's bar is the one to watch
     local = Path(model_id).expanduser()
     if local.is_dir():
         # Checked here: some transformers releases guess a model type from the folder's name instead.

@@ -19,7 +19,7 @@ from capfilt.config import RunConfig
 from capfilt.errors import RunError
 from capfilt.formats.base import Shard
 from capfilt.log import logger
-from capfilt.models import check_models
+from capfilt.models import captioner_family
 from capfilt.runners.base import Runner, check_visible
 from capfilt.stats import ShardStats
 from capfilt.worker import Locations, ShardWorker
@@ -46,7 +46,8 @@ def _run_shard(shard: Shard) -> ShardStats:
 class DeviceRunner(Runner):
     def __init__(self, config: RunConfig, locations: Locations) -> None:
         check_visible(config.devices)
-        check_models(config.captioner, config.filter)  # in one line here, not in a worker's traceback
+        if config.captioner:  # in one line here, not in a worker's traceback (filters are checked when planned)
+            captioner_family(config.captioner)
         context = multiprocessing.get_context("spawn")
         devices = context.Queue()
         for device in config.devices:

@@ -1,0 +1,170 @@
+"""Plans a run before any shard: which scores each filter computes under which name, the keep rules (given,
+or the filters' families' defaults) checked against those scores, and for `select` the scores an earlier run
+wrote and the thresholds of `--keep-top` over the whole input.
+
+Filter families are looked up from their checkpoints' configs (no weights load), so that a rule on a score
+no filter computes is refused in one line before a model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
+
+from capfilt.config import Command, FilterModel, RunConfig
+from capfilt.errors import ConfigError, InputError
+from capfilt.keep import KeepRule, KeepRules, KeepTop, top_threshold
+from capfilt.output import RUN_FILE
+from capfilt.schema import SYNTHETIC, WEB_CAPTION, score_field, web_score_field
+from capfilt.scores import Score, run_name
+from capfilt.worker import Locations
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run's config with every filter's `computes` and the keep rules filled in, and the scores its output
+    holds (those it computes and those its input already had), by name."""
+
+    config: RunConfig
+    scores: dict[str, Score]
+
+    def record(self) -> dict[str, object]:
+        return {name: score.record() for name, score in self.scores.items()}
+
+
+def plan(config: RunConfig, locations: Locations) -> Plan:
+    inherited = input_scores(locations)
+    if config.command is Command.select:
+        return _plan_select(config, locations, inherited)
+    if not config.filters:
+        return Plan(config, inherited)
+    from capfilt.models import filter_family  # only a run with filters waits for transformers
+
+    families = [filter_family(f.model) for f in config.filters]
+    computable: dict[str, Score] = {}
+    owners: dict[str, str] = {}
+    for spec, family in zip(config.filters, families):
+        for score in family.scores:
+            name = run_name(score.name, spec.name, len(family.scores))
+            if name in computable:
+                raise ConfigError(f"two filters compute a score named '{name}' ({owners[name]} and {spec.model}); "
+                                  f"name one with --filter NAME=MODEL")
+            computable[name], owners[name] = score.renamed(name), spec.model
+    keep = config.keep
+    if keep is None:  # each family's own default rules, under the names this run gives its scores
+        keep = tuple(str(_renamed(KeepRule.parse(rule), spec, family)) for spec, family in zip(config.filters, families)
+                     for rule in family.default_keep)
+    rules = KeepRules.parse(keep, config.keep_best)
+    rules.check(computable, "the run's filters compute")
+    for name in config.extra_scores:
+        if name not in computable:
+            raise ConfigError(f"--scores names '{name}', which the run's filters do not compute; they compute: "
+                              f"{', '.join(computable)}")
+    wanted = {rule.score for rule in rules.rules} | set(config.extra_scores)
+    filters = []
+    for spec, family in zip(config.filters, families):
+        computes = tuple(score.name for score in family.scores if score.name in family.default_scores
+                         or run_name(score.name, spec.name, len(family.scores)) in wanted)
+        filters.append(replace(spec, computes=computes))
+    computed = {name: score for spec, family in zip(filters, families) for score in family.scores
+                if score.name in spec.computes
+                for name in [run_name(score.name, spec.name, len(family.scores))]}
+    scores = {**inherited, **{name: score.renamed(name) for name, score in computed.items()}}
+    return Plan(replace(config, filters=tuple(filters), keep=keep), scores)
+
+
+def _renamed(rule: KeepRule, spec: FilterModel, family: type) -> KeepRule:
+    return replace(rule, score=run_name(rule.score, spec.name, len(family.scores)))
+
+
+def input_scores(locations: Locations) -> dict[str, Score]:
+    """The scores an earlier capfilt run recorded for its output, when the input is one; else none."""
+    recorded = input_run_record(locations)
+    return {name: Score.from_record(name, record) for name, record in (recorded or {}).get("scores", {}).items()}
+
+
+def input_run_record(locations: Locations) -> dict | None:
+    if not locations.shards:
+        return None
+    path = f"{input_folder(locations)}/{RUN_FILE}"
+    try:
+        return json.loads(locations.fs_in.cat_file(path))
+    except (OSError, ValueError):
+        return None
+
+
+def input_folder(locations: Locations) -> str:
+    return posixpath.dirname(locations.shards[0].path.rstrip("/"))
+
+
+def _plan_select(config: RunConfig, locations: Locations, inherited: dict[str, Score]) -> Plan:
+    recorded = input_run_record(locations)
+    if recorded is None:
+        raise InputError(f"{config.input} holds no capfilt output ({RUN_FILE} is missing): select re-applies keep "
+                         "rules to the scores a run wrote, e.g. with --mode annotate")
+    keep, best = config.keep, config.keep_best
+    if keep is None and not config.keep_top:  # no rule given: the rules the run recorded
+        keep, best = tuple(recorded.get("keep") or ()), recorded.get("keep_best") if best is None else best
+    rules = KeepRules.parse(keep or (), None)
+    rules.check(inherited, "the input has")
+    tops = [KeepTop.parse(top) for top in config.keep_top]
+    for top in tops:
+        if top.score not in inherited:
+            raise ConfigError(f"--keep-top uses the score '{top.score}', which the input has not; scores the input "
+                              f"has: {', '.join(inherited) or 'none'}")
+    thresholds = whole_input_thresholds(locations, tops)
+    keep = tuple(keep or ()) + tuple(f"{top.score}>={thresholds[top.score]!r}" for top in tops)
+    KeepRules.parse(keep, best)
+    return Plan(replace(config, keep=keep, keep_best=best), inherited)
+
+
+def whole_input_thresholds(locations: Locations, tops: list[KeepTop]) -> dict[str, float]:
+    """For each `--keep-top NAME:FRACTION`, the score value at which the top FRACTION of the input's captions
+    start: one pass over the scores in the metadata Parquet beside each shard (or the shard itself, when it is
+    Parquet), reading only the score columns."""
+    values: dict[str, list[float]] = {top.score: [] for top in tops}
+    for table in _score_tables(locations, list(values)):
+        for name in values:
+            values[name] += _caption_scores(table, name)
+    thresholds = {}
+    for top in tops:
+        threshold = top_threshold(values[top.score], top.fraction)
+        if threshold is None:
+            raise InputError(f"--keep-top {top}: the input holds no '{top.score}' score")
+        thresholds[top.score] = threshold
+    return thresholds
+
+
+def _score_tables(locations: Locations, names: list[str]) -> Iterator:
+    fs: AbstractFileSystem = locations.fs_in
+    for shard in locations.shards:
+        path = shard.path if shard.path.endswith(".parquet") else f"{input_folder(locations)}/{shard.name}.parquet"
+        if not fs.exists(path):
+            raise InputError(f"{path} is missing: select reads the scores from the metadata Parquet capfilt writes "
+                             "beside each shard (rerun the scoring run with this capfilt)")
+        with fs.open(path, "rb") as handle:
+            available = set(pq.read_schema(handle).names)
+            handle.seek(0)
+            columns = [c for name in names for c in (WEB_CAPTION, web_score_field(name), SYNTHETIC) if c in available]
+            yield pq.read_table(handle, columns=sorted(set(columns)))
+
+
+def _caption_scores(table, name: str) -> list[float]:
+    """Every caption's `name` score in the table: web captions' column and each synthetic caption's field,
+    each text of an image once (a synthetic caption equal to the web caption is scored once)."""
+    values: list[float] = []
+    columns = {name: table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+               for name in (WEB_CAPTION, web_score_field(name), SYNTHETIC)}
+    field = score_field(name)
+    for web_text, web_value, records in zip(*columns.values()):
+        by_text = {} if web_value is None else {web_text: web_value}
+        for record in records or []:
+            if record.get(field) is not None:
+                by_text.setdefault(record["text"], record[field])
+        values += by_text.values()
+    return values
