@@ -109,21 +109,25 @@ def test_filter_scores_equal_per_pair_calls(tiny_pair, images, pair_batch_size, 
         ["a picture of a picture of " * 20, "a green square", "a large star"],
         ["a white square on a black background"],
     ]
-    filter_ = load_filter(str(tiny_pair[1]), "cpu", torch.float32, text_max_tokens=35, sdpa=sdpa)
+    filter_ = load_filter(str(tiny_pair[1]), "cpu", torch.float32, sdpa=sdpa)
+    assert filter_.text_max_tokens == 35  # BLIP's ITM/ITC text length
     filter_.pair_batch_size = pair_batch_size
-    scores = filter_.score(images, captions, itm=True, itc=True)
+    scores = filter_.score(images, captions, ("itm", "itc"))
     assert [len(s) for s in scores] == [len(c) for c in captions]
     for image, texts, image_scores in zip(images, captions, scores):
         for text, score in zip(texts, image_scores):
             itm, itc = reference.pair_scores(tiny_pair[1], image, text, 35)
-            assert score.itm == pytest.approx(itm, abs=1e-5)
-            assert score.itc == pytest.approx(itc, abs=1e-5)
+            assert set(score) == {"itm", "itc"}
+            assert score["itm"] == pytest.approx(itm, abs=1e-5)
+            assert score["itc"] == pytest.approx(itc, abs=1e-5)
 
 
 def test_filter_computes_only_requested_scores(tiny_pair, images):
-    filter_ = load_filter(str(tiny_pair[1]), "cpu", torch.float32, text_max_tokens=35)
-    (score,), = filter_.score(images[:1], [["a red circle"]], itm=False, itc=True)
-    assert score.itm is None and score.itc is not None
+    filter_ = load_filter(str(tiny_pair[1]), "cpu", torch.float32)
+    (score,), = filter_.score(images[:1], [["a red circle"]], ("itc",))
+    assert "itm" not in score and isinstance(score["itc"], float)
+    (score,), = filter_.score(images[:1], [["a red circle"]], ("itm",))
+    assert "itc" not in score and isinstance(score["itm"], float)
 
 
 def test_strip_prompt():
@@ -133,10 +137,10 @@ def test_strip_prompt():
 
 def test_missing_local_model_is_one_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="not a directory"):
-        load_filter(str(tmp_path / "nope" / "filter"), "cpu", torch.float32, 35)
+        load_filter(str(tmp_path / "nope" / "filter"), "cpu", torch.float32)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="cannot load the filter"):
-        load_filter(str(tmp_path / "empty"), "cpu", torch.float32, 35)
+        load_filter(str(tmp_path / "empty"), "cpu", torch.float32)
 
 
 def test_unreachable_hub_fails_fast(monkeypatch):
@@ -149,11 +153,11 @@ def test_unreachable_hub_fails_fast(monkeypatch):
 
 def test_bf16_runs_and_stays_close_to_fp32(tiny_pair, images):
     captions = [["a red circle on a blue background", "IMG_2031.JPG"]] * len(images)
-    exact = load_filter(str(tiny_pair[1]), "cpu", torch.float32, 35).score(images, captions, itm=True, itc=True)
-    half = load_filter(str(tiny_pair[1]), "cpu", torch.bfloat16, 35).score(images, captions, itm=True, itc=True)
+    exact = load_filter(str(tiny_pair[1]), "cpu", torch.float32).score(images, captions, ("itm", "itc"))
+    half = load_filter(str(tiny_pair[1]), "cpu", torch.bfloat16).score(images, captions, ("itm", "itc"))
     for row_exact, row_half in zip(exact, half):
         for a, b in zip(row_exact, row_half):
-            assert b.itm == pytest.approx(a.itm, abs=2e-2) and b.itc == pytest.approx(a.itc, abs=2e-2)
+            assert b["itm"] == pytest.approx(a["itm"], abs=2e-2) and b["itc"] == pytest.approx(a["itc"], abs=2e-2)
     settings = DecodingSettings(num_beams=2, max_length=10, min_length=3)
     captioner = load_captioner(str(tiny_pair[0]), settings, "cpu", torch.bfloat16)
     assert len(captioner.caption(images, [str(i) for i in range(len(images))])) == len(images)
@@ -162,9 +166,9 @@ def test_bf16_runs_and_stays_close_to_fp32(tiny_pair, images):
 def test_filter_scores_are_bit_identical_whatever_the_batch(tiny_pair, images):
     """Reruns with another batch size must write the same bytes, so scores may not move even by 1 ulp."""
     captions = [["a red circle on a blue background", "IMG_2031.JPG", "a large star"]] * len(images)
-    filter_ = load_filter(str(tiny_pair[1]), "cpu", torch.float32, text_max_tokens=35)
-    together = filter_.score(images, captions, itm=True, itc=True)
-    alone = [filter_.score([image], [texts], itm=True, itc=True)[0] for image, texts in zip(images, captions)]
+    filter_ = load_filter(str(tiny_pair[1]), "cpu", torch.float32)
+    together = filter_.score(images, captions, ("itm", "itc"))
+    alone = [filter_.score([image], [texts], ("itm", "itc"))[0] for image, texts in zip(images, captions)]
     assert together == alone
 
 
