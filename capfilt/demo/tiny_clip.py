@@ -12,26 +12,27 @@ from __future__ import annotations
 
 import functools
 import json
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-try:  # CLIP's PIL image processor (what checkpoints load without torchvision); before 5.24, CLIPImageProcessor
+try:  # CLIP's PIL image processor (what loads without torchvision); CLIPImageProcessor in releases without it
     from transformers import CLIPImageProcessorPil
 except ImportError:
     from transformers import CLIPImageProcessor as CLIPImageProcessorPil
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
-# Words merged into one token each (where the merges of earlier words do not split them otherwise).
+# Words whose letters the merges join, in merge order (a word that an earlier word's merges cut differently,
+# such as "green" after "red", stays in a few pieces, as rare words do in OpenAI's vocabulary).
 WORDS = (
-    "a an the of on in and with at to is photo picture image drawing dog cat bird car red green blue "
-    "yellow white black grey gray small big large circle square triangle star shape shapes background "
-    "next man woman person tree house"
-).split()
+    "a", "an", "the", "of", "on", "in", "and", "with", "at", "to", "is", "photo", "picture", "image", "drawing",
+    "dog", "cat", "bird", "car", "red", "green", "blue", "yellow", "white", "black", "grey", "gray", "small",
+    "big", "large", "circle", "square", "triangle", "star", "shape", "shapes", "background", "next", "man",
+    "woman", "person", "tree", "house",
+)
 MAX_POSITIONS = 77  # CLIP's text length; the tokenizer truncates to it
 
 
@@ -44,7 +45,7 @@ def byte_alphabet() -> tuple[str, ...]:
     return tuple(characters[byte] for byte in [*printable, *others])
 
 
-def vocabulary(words: tuple[str, ...] = tuple(WORDS)) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def vocabulary(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The tokenizer's vocabulary (token → id) and its merges in rank order."""
     alphabet = byte_alphabet()
     tokens = [*alphabet, *(character + END_OF_WORD for character in alphabet)]
@@ -72,13 +73,13 @@ def write_vocabulary(directory: Path) -> tuple[Path, Path]:
 
 
 def build_tokenizer(directory: Path | None = None) -> CLIPTokenizer:
-    """CLIP's tokenizer over the tiny vocabulary, loaded from its vocab.json and merges.txt, which are written to
-    `directory` (kept there, as hub checkpoints keep them beside tokenizer.json), or to a temporary one."""
+    """CLIP's tokenizer over the tiny vocabulary; its vocab.json and merges.txt are also written to `directory`
+    when given (hub checkpoints keep them beside tokenizer.json). Built from the vocabulary and merges themselves:
+    `tokenizers` deprecates reading them from files in the BPE model's constructor."""
+    vocab, merges = vocabulary()
     if directory is not None:
         write_vocabulary(directory)
-        return CLIPTokenizer.from_pretrained(directory, model_max_length=MAX_POSITIONS)
-    with tempfile.TemporaryDirectory() as temporary:
-        return build_tokenizer(Path(temporary))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_POSITIONS)
 
 
 def build_processor(image_size: int, directory: Path | None = None) -> CLIPProcessor:
