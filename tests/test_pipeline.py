@@ -12,11 +12,13 @@ import pytest
 import webdataset
 from PIL import Image
 
-from capfilt.config import Command, FilterMode, FilterSettings, RunConfig
+from capfilt.api import build_config
+from capfilt.config import Command, FilterMode, RunConfig
 from capfilt.formats import FORMATS
 from capfilt.models import DecodingSettings
 from capfilt.pipeline import Pipeline, run
 from capfilt.sample import Sample
+from capfilt.stages import ScoreStage
 from tests import reference
 from tests.conftest import shape_items
 from tests.datasets import (
@@ -27,22 +29,26 @@ from tests.datasets import (
 )
 
 BEAM = DecodingSettings(num_beams=3, max_length=12, min_length=5)
+# The options that give BEAM (the preset's prompt and top-p are BEAM's defaults).
+BEAM_OPTIONS = {"num_beams": 3, "max_length": 12, "min_length": 5}
+# Both BLIP scores, with BLIP's thresholds: a caption is kept when ITM >= 0.5 and ITC >= 0.3.
+BOTH_SCORES = ["itm>=0.5", "itc>=0.3"]
+DECODING_OPTIONS = {"num_beams", "num_captions", "top_p", "max_length", "min_length", "repetition_penalty", "prompt",
+                    "seed"}
 
 
-def config(command: Command, input: Path, output: Path, models: tuple[str, str], **overrides) -> RunConfig:
-    settings = dict(
-        command=command,
-        input=str(input),
-        output=str(output),
-        captioner=models[0] if command is not Command.filter else None,
-        filter=models[1] if command is not Command.caption else None,
-        decoding=BEAM if command is not Command.filter else None,
-        filtering=FilterSettings(itm=True, itc=True, mode=FilterMode.annotate)
-        if command is not Command.caption
-        else None,
-        batch_size=4,
-    )
-    return RunConfig(**{**settings, **overrides})
+def config(command: Command, input: Path | str, output: Path, models: tuple[str, str], **options) -> RunConfig:
+    """The config `capfilt.run` builds for the tiny models on the CPU, 4 images a batch: the captioner with BEAM,
+    the filter computing both scores (BOTH_SCORES) in annotate mode; `options` (the CLI's names) override."""
+    settings: dict = {"device": "cpu", "dtype": "float32", "batch_size": 4}
+    if command in (Command.caption, Command.bootstrap):
+        settings.update(captioner=models[0], **BEAM_OPTIONS)
+    if command in (Command.filter, Command.bootstrap):
+        settings.update(filter=[models[1]], keep=BOTH_SCORES, mode=FilterMode.annotate)
+    built = build_config(command, str(input), str(output), **{**settings, **options})
+    if built.decoding is not None and not DECODING_OPTIONS & set(options):
+        assert built.decoding == BEAM
+    return built
 
 
 def read_output(directory: Path, format_name: str = "webdataset") -> list[Sample]:
@@ -77,8 +83,8 @@ def assert_equals_plain_calls(sample: Sample, models: tuple[str, str]) -> None:
     assert [c.text for c in sample.synthetic_captions] == reference.beam_captions(models[0], image, BEAM)
     for caption in sample.captions():
         itm, itc = reference.pair_scores(models[1], image, caption.text)
-        assert caption.itm_score == pytest.approx(itm, abs=1e-5)
-        assert caption.itc_score == pytest.approx(itc, abs=1e-5)
+        assert caption.scores["itm"] == pytest.approx(itm, abs=1e-5)
+        assert caption.scores["itc"] == pytest.approx(itc, abs=1e-5)
 
 
 @pytest.mark.parametrize("batch_size", [1, 5])
@@ -90,31 +96,30 @@ def test_bootstrap_equals_per_image_reference_calls(tiny_models, shapes_dataset,
     for sample in samples:
         assert_equals_plain_calls(sample, tiny_models)
         for caption in sample.captions():
-            assert caption.kept == (caption.itm_score >= 0.5 and caption.itc_score >= 0.3)
+            assert caption.kept == (caption.scores["itm"] >= 0.5 and caption.scores["itc"] >= 0.3)
         assert sample.synthetic_captions[0].decoding["num_beams"] == 3
         assert sample.synthetic_captions[0].captioner == tiny_models[0]
 
 
 def test_drop_keeps_exactly_the_images_with_a_passing_caption(tiny_models, shapes_dataset, tmp_path):
     annotated = read_output(_run_filter(tiny_models, shapes_dataset, tmp_path / "annotate", FilterMode.annotate))
-    scores = sorted(c.itm_score for s in annotated for c in s.captions())
+    scores = sorted(c.scores["itm"] for s in annotated for c in s.captions())
     threshold = scores[len(scores) // 2]  # half the captions pass: some images keep one, some none
     out = _run_filter(tiny_models, shapes_dataset, tmp_path / "drop", FilterMode.drop, threshold)
     written = read_output(out)
 
-    expected = [s.key for s in annotated if any(c.itm_score >= threshold for c in s.captions())]
+    expected = [s.key for s in annotated if any(c.scores["itm"] >= threshold for c in s.captions())]
     assert [s.key for s in written] == expected
     assert sorted(jsonl_keys(out, "dropped")) == sorted(s.key for s in annotated if s.key not in expected)
     assert 0 < len(expected) < len(annotated)
     for sample in written:  # the primary caption is the best kept one
-        best = max((c for c in sample.captions() if c.kept), key=lambda c: c.itm_score)
+        best = max((c for c in sample.captions() if c.kept), key=lambda c: c.scores["itm"])
         assert json.loads(_member(out, sample.key, "json"))["kept_captions"][0] == best.text
         assert _member(out, sample.key, "txt").decode() == best.text
 
 
 def _run_filter(models, input: Path, out: Path, mode: FilterMode, threshold: float = 0.5) -> Path:
-    settings = FilterSettings(itm=True, itc=False, itm_threshold=threshold, mode=mode)
-    run(config(Command.filter, input, out, models, filtering=settings))
+    run(config(Command.filter, input, out, models, keep=[f"itm>={threshold!r}"], mode=mode))
     return out
 
 
@@ -138,8 +143,8 @@ def test_every_sample_is_written_dropped_or_rejected(tiny_models, tmp_path):
         info.size = 5
         tar.addfile(info, io.BytesIO(b"lost!"))
     out = tmp_path / "out"
-    settings = FilterSettings(itm=True, itm_threshold=0.4995, mode=FilterMode.drop)
-    summary = run(config(Command.bootstrap, tmp_path / "in", out, tiny_models, filtering=settings, batch_size=3))
+    summary = run(config(Command.bootstrap, tmp_path / "in", out, tiny_models, keep=["itm>=0.4995"],
+                         mode=FilterMode.drop, batch_size=3))
 
     written = [s.key for s in read_output(out)]
     dropped, rejected = jsonl_keys(out, "dropped"), jsonl_keys(out, "rejects")
@@ -162,7 +167,7 @@ def test_caption_then_filter_scores_the_synthetic_captions(tiny_models, shapes_d
     captioned = tmp_path / "captioned"
     run(config(Command.caption, shapes_dataset, captioned, tiny_models))
     first = read_output(captioned)
-    assert all(len(s.synthetic_captions) == 1 and s.synthetic_captions[0].itm_score is None for s in first)
+    assert all(len(s.synthetic_captions) == 1 and s.synthetic_captions[0].scores == {} for s in first)
     filtered = tmp_path / "filtered"
     run(config(Command.filter, captioned, filtered, tiny_models))
     second = read_output(filtered)
@@ -170,7 +175,7 @@ def test_caption_then_filter_scores_the_synthetic_captions(tiny_models, shapes_d
     for before, after in zip(first, second):
         assert after.web_caption == before.web_caption
         assert [c.text for c in after.synthetic_captions] == [c.text for c in before.synthetic_captions]
-        assert all(c.itm_score is not None and c.itc_score is not None for c in after.captions())
+        assert all({"itm", "itc"} <= set(c.scores) for c in after.captions())
 
 
 def _write(format_name: str, directory: Path, items) -> None:
@@ -192,7 +197,7 @@ def test_every_format_in_and_out(tiny_models, tmp_path, input_format, output_for
     written_format = output_format or ("parquet" if "parquet" in input_format else input_format)
     samples = read_output(out, written_format)
     assert sorted(s.web_caption for s in samples) == sorted(item[2] for item in items)
-    assert all(s.web_itm_score is not None for s in samples)
+    assert all("itm" in s.web_scores for s in samples)
     if written_format == "webdataset":  # what a training loader sees
         pairs = list(webdataset.WebDataset(sorted(map(str, out.glob("*.tar"))), shardshuffle=False)
                      .decode("pil").to_tuple("jpg", "txt"))
@@ -208,7 +213,7 @@ def test_every_format_in_and_out(tiny_models, tmp_path, input_format, output_for
 def test_a_crash_mid_shard_leaves_no_finished_looking_shard(tiny_models, shapes_dataset, tmp_path):
     out = tmp_path / "out"
     pipeline = Pipeline(config(Command.filter, shapes_dataset, out, tiny_models, batch_size=2))
-    filter_stage = pipeline.runner.worker.stages[-1]
+    filter_stage = next(stage for stage in pipeline.runner.worker.stages if isinstance(stage, ScoreStage))
     calls = {"n": 0}
     original = filter_stage.process
 

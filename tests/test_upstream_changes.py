@@ -130,7 +130,7 @@ def test_the_library_as_it_is_keeps_every_fast_path(tiny_models, shapes_dataset,
 
     with capfilt_log(caplog):
         captioner = load_captioner(tiny_models[0], BEAM, "cpu", torch.float32)
-        filter_ = load_filter(tiny_models[1], "cpu", torch.float32, 35)
+        filter_ = load_filter(tiny_models[1], "cpu", torch.float32)
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
     assert captioner.decoder is not None and filter_.sdpa and filter_.own_passes
 
