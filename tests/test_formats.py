@@ -18,8 +18,12 @@ from fsspec.implementations.local import LocalFileSystem
 from capfilt.errors import ShardReadError
 from capfilt.formats import FORMATS, Format, Shard
 from capfilt.formats.files import group_files
+from capfilt.config import FilterMode
+from capfilt.keep import KeepRules
 from capfilt.sample import Caption, Reject, Sample
-from capfilt.schema import ARROW_FIELDS, CAPFILT_FIELDS, kept_captions, primary_caption
+from capfilt.schema import arrow_fields, kept_captions, primary_caption
+from capfilt.stages import Batch, KeepStage
+from capfilt.stats import ShardStats
 from tests.datasets import (
     encode_image,
     img2dataset_metadata,
@@ -34,6 +38,13 @@ from tests.datasets import (
 FS = LocalFileSystem()
 JPG = encode_image(make_image(color=(10, 200, 30)))
 PNG = encode_image(make_image(color=(30, 10, 200)), "PNG")
+# The fields capfilt adds to a sample's JSON, in their documented order, for a run computing itm and itc.
+CAPFILT_FIELDS = ["web_caption", "web_itm_score", "web_itc_score", "web_kept", "synthetic_captions", "kept_captions"]
+
+
+def arrow_names(scores: list[str]) -> list[str]:
+    """The Parquet columns capfilt adds for a run whose captions have the scores `scores`."""
+    return [field.name for field in arrow_fields(scores)]
 
 
 def read(
@@ -72,7 +83,7 @@ def view(sample: Sample | Reject) -> dict:
         "metadata": sample.metadata,
         "extra_members": sample.extra_members,
         "synthetic": sample.synthetic_captions,
-        "web_scores": (sample.web_itm_score, sample.web_itc_score, sample.web_kept),
+        "web_scores": (sample.web_scores, sample.web_kept),
     }
 
 
@@ -88,12 +99,14 @@ def scored_samples() -> list[Sample]:
         extra_members={"cls": b"3", "seg.png": PNG},
         synthetic_captions=[
             Caption(
-                "a cup of coffee", "synthetic", 0.91, 0.33, True, "blip-base", {"num_beams": 3, "max_new_tokens": 20}, 2
+                "a cup of coffee", "synthetic", {"itm": 0.91, "itc": 0.33}, True, "blip-base",
+                {"num_beams": 3, "max_new_tokens": 20}, 2
             ),
-            Caption("a table", "synthetic", 0.12, 0.05, False, "blip-base", {"top_p": 0.9}),
+            Caption("a table", "synthetic", {"itm": 0.12, "itc": 0.05}, False, "blip-base", {"top_p": 0.9}),
         ],
+        web_scores={"itm": 0.42, "itc": 0.21},
+        web_kept=False,
     )
-    scored.set_web_scores(0.42, 0.21, False)
     synthetic_only = Sample(
         key="000000008",
         image_bytes=PNG,
@@ -216,13 +229,16 @@ def test_a_synthetic_caption_count_that_is_not_a_positive_integer_is_a_bad_json_
 
 
 def test_kept_captions_hold_each_text_once_best_first() -> None:
-    sample = Sample("k", JPG, "jpg", "a dog on grass")
-    sample.set_web_scores(0.6, None, True)
+    sample = Sample("k", JPG, "jpg", "a dog on grass", web_scores={"itm": 0.6})
     sample.synthetic_captions = [
-        Caption("a dog on grass", "synthetic", 0.6, None, True, "blip", None, 2),  # the web caption again
-        Caption("a brown dog", "synthetic", 0.9, None, True, "blip", None),
-        Caption("a cat", "synthetic", 0.1, None, False, "blip", None),
+        Caption("a dog on grass", "synthetic", {"itm": 0.6}, None, "blip", None, 2),  # the web caption again
+        Caption("a brown dog", "synthetic", {"itm": 0.9}, None, "blip", None),
+        Caption("a cat", "synthetic", {"itm": 0.1}, None, "blip", None),
     ]
+    # The keep rules judge and rank the captions, as a filter run does.
+    [judged] = KeepStage(KeepRules.parse(["itm>=0.5"]), FilterMode.drop).process(Batch([sample]), ShardStats()).samples
+    assert judged is sample and sample.web_kept is True
+    assert [c.kept for c in sample.synthetic_captions] == [True, True, False]
     assert kept_captions(sample) == ["a brown dog", "a dog on grass"] and primary_caption(sample) == "a brown dog"
     sample.keeps_every_caption = True  # annotate mode: the output drops no caption, the verdicts stay in `kept`
     assert kept_captions(sample) == ["a brown dog", "a dog on grass", "a cat"]
@@ -355,11 +371,13 @@ def test_parquet_output_keeps_input_columns_and_types(tmp_path: Path) -> None:
     fmt = FORMATS["parquet"]
     shard = fmt.shard_from_path(str(path))
     samples = samples_only(fmt.read_shard(FS, shard, None))
-    samples[0].synthetic_captions.append(Caption("a red thing", "synthetic", 0.8, 0.3, True, "blip", {"beams": 3}))
-    samples[0].set_web_scores(0.1, 0.05, False)
+    samples[0].synthetic_captions.append(
+        Caption("a red thing", "synthetic", {"itm": 0.8, "itc": 0.3}, True, "blip", {"beams": 3})
+    )
+    samples[0].web_scores, samples[0].web_kept = {"itm": 0.1, "itc": 0.05}, False
     write(fmt, tmp_path / "out", "00000", samples, fmt.table_layout(FS, shard))
     source, output = pq.read_table(path), pq.read_table(tmp_path / "out/00000.parquet")
-    assert output.schema.names == source.schema.names + ARROW_FIELDS.names
+    assert output.schema.names == source.schema.names + arrow_names(["itm", "itc"])
     for field in source.schema:
         assert output.schema.field(field.name).type == field.type
     assert output.column("jpg").to_pylist() == source.column("jpg").to_pylist()
@@ -379,6 +397,8 @@ def test_hugging_face_parquet_round_trips_with_its_image_struct_and_features(tmp
     assert [s.key for s in samples] == ["000000000", "000000001", "000000002"]  # row index: no key column
     assert samples[1].web_caption == "a photo number 1" and samples[1].image_bytes == items[1][1]
     assert samples[1].metadata == {"image": {"path": "000000001.jpg"}, "aesthetic": 0.1}
+    for index, sample in enumerate(samples):  # as a filter run computing ITM leaves them
+        sample.web_scores, sample.web_kept = {"itm": index / 4}, index > 0
     write(fmt, tmp_path / "out", shard.name, samples, fmt.table_layout(FS, shard))
     output = pq.read_table(tmp_path / "out" / path.name)
     assert output.schema.field("image").type == pq.read_schema(path).field("image").type
@@ -402,14 +422,14 @@ def test_parquet_caption_column_is_written_back_as_it_came_and_never_added(tmp_p
         shard = fmt.shard_from_path(str(tmp_path / f"{name}.parquet"))
         samples = samples_only(fmt.read_shard(FS, shard, None))
         for sample in samples:
-            sample.synthetic_captions.append(Caption("a green square", "synthetic", 0.7, None, True, "blip", None))
+            sample.synthetic_captions.append(Caption("a green square", "synthetic", {"itm": 0.7}, True, "blip", None))
         write(fmt, tmp_path / "out", name, samples, fmt.table_layout(FS, shard))
     written = pq.read_table(tmp_path / "out/binary.parquet")
     assert written.schema.field("caption").type == pa.binary()
     assert written.column("caption").to_pylist() == [b"caf\xc3\xa9", None]
     assert written.column("primary_caption").to_pylist() == ["a green square"] * 2
     written = pq.read_table(tmp_path / "out/uncaptioned.parquet")
-    assert written.schema.names == ["jpg", "id", "key", *ARROW_FIELDS.names]
+    assert written.schema.names == ["jpg", "id", "key", *arrow_names(["itm"])]  # only the scores computed
 
 
 def test_parquet_without_an_image_column_names_its_columns(tmp_path: Path) -> None:
@@ -437,7 +457,7 @@ def test_parquet_is_read_and_written_in_row_groups(tmp_path: Path) -> None:
 def test_parquet_from_another_format_holds_metadata_as_json_text(tmp_path: Path) -> None:
     write(FORMATS["parquet"], tmp_path, "00000", scored_samples())
     table = pq.read_table(tmp_path / "00000.parquet")
-    assert table.schema.names == ["key", "jpg", "caption", "json", "extra_members", *ARROW_FIELDS.names]
+    assert table.schema.names == ["key", "jpg", "caption", "json", "extra_members", *arrow_names(["itm", "itc"])]
     assert table.column("caption").to_pylist() == ["Café au lait ☕ on a table", None, "plain"]  # the `.txt` read
     assert table.column("primary_caption").to_pylist() == ["a cup of coffee", "a blue square", "plain"]
     assert json.loads(table.column("json")[0].as_py())["nested"] == {"a": [1, 2.5, None]}
