@@ -161,6 +161,11 @@ class RunConfig:
     num_shards: int = 1
 
     def __post_init__(self) -> None:
+        try:  # frozen: normalised once, here (the Python entry point takes plain strings)
+            object.__setattr__(self, "command", Command(self.command))
+            object.__setattr__(self, "mode", FilterMode(self.mode))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         if self.command in (Command.caption, Command.bootstrap) and (not self.captioner or not self.decoding):
             raise ConfigError(f"'{self.command.value}' needs a captioner")
         if self.command in (Command.filter, Command.bootstrap) and not self.filters:

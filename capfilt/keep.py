@@ -104,7 +104,7 @@ class KeepRules:
         for rule in self.rules:
             score = scores.get(rule.score)
             if score is None:
-                raise ConfigError(f"keep rule '{rule}' uses the score '{rule.score}', which {what} not; "
+                raise ConfigError(f"keep rule '{rule}' uses the score '{rule.score}', which is not among the "
                                   f"scores {what}: {available}")
             if not score.low <= rule.value <= score.high:
                 raise ConfigError(f"keep rule '{rule}' is outside the range of '{rule.score}' "

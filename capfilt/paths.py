@@ -50,12 +50,15 @@ def open_output(spec: str, storage_options: dict[str, Any] | None = None) -> tup
     return fs, path
 
 
-def resolve_output(spec: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
-    """The filesystem and folder path of the output `spec`, creating the folder."""
+def resolve_output(
+    spec: str, storage_options: dict[str, Any] | None = None, create: bool = True
+) -> tuple[AbstractFileSystem, str]:
+    """The filesystem and folder path of the output `spec`, creating the folder unless `create` is False."""
     fs, path = open_output(spec, storage_options)
     if fs.isfile(path):
         raise OutputError(f"output {spec} is a file; give a folder for the output shards")
-    fs.makedirs(path, exist_ok=True)
+    if create:
+        fs.makedirs(path, exist_ok=True)
     return fs, path.rstrip("/")
 
 

@@ -33,7 +33,8 @@ def resolve(config: RunConfig) -> Locations:
     """Where `config` reads and writes, with every input shard listed."""
     fs_in, input_format, shards = resolve_input(config.input, config.input_format, config.storage_options)
     output_format = get_format(config.output_format or input_format.name)
-    fs_out, output_dir = resolve_output(config.output, config.storage_options)
+    # Created when the run starts: a run refused while it is planned leaves no empty folder behind.
+    fs_out, output_dir = resolve_output(config.output, config.storage_options, create=False)
     check_output_apart(fs_in, shards, fs_out, output_dir, config.input)
     return Locations(fs_in, input_format, shards, fs_out, output_dir, output_format)
 
@@ -89,6 +90,7 @@ class Pipeline:
         settings = json.loads(json.dumps({"capfilt_version": __version__, **self.config.record(),
                                           "scores": self.plan.record()}))
         whole_run = self.config.num_shards == 1
+        self.locations.fs_out.makedirs(self.locations.output_dir, exist_ok=True)
         self.output.lock(None if whole_run else f"{self.config.shard_index}-of-{self.config.num_shards}")
         try:
             self.output.prepare(settings, self.shards, self.config.overwrite, whole_run)

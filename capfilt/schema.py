@@ -129,7 +129,7 @@ def arrow_values(sample: Sample, scores: list[str]) -> dict[str, Any]:
         fields.setdefault(web_score_field(name), None)
     fields[SYNTHETIC] = [
         {**{score_field(name): None for name in scores}, **record,
-         "decoding": json.dumps(record["decoding"], sort_keys=True) if record["decoding"] else None}
+         "decoding": json.dumps(record["decoding"]) if record["decoding"] else None}
         for record in fields[SYNTHETIC]
     ]
     return fields

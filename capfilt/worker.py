@@ -113,7 +113,8 @@ class ShardWorker:
         dropped: list[dict] = []  # records, not samples: a sample holds its images' tensors
         try:
             with (  # on any error the writer removes its temporary: no half shard is left
-                self.output_format.open_writer(self.fs_out, self.output.path, shard.name, layout) as writer,
+                self.output_format.open_writer(self.fs_out, self.output.path, shard.name, layout,
+                                               self.input_format.metadata_schema(self.fs_in, shard)) as writer,
                 contextlib.closing(self._steps(shard, stats)) as batches,  # on any error, stops every step's thread
             ):
                 for batch in batches:

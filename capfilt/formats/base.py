@@ -197,6 +197,8 @@ class Format(ABC):
     name: str
     # File name endings of this format's shards, longest first; empty for a format whose shards are folders.
     suffixes: tuple[str, ...] = ()
+    # Whether an output shard gets img2dataset's metadata Parquet beside it (`capfilt.formats.metadata`).
+    metadata_beside: bool = False
 
     @abstractmethod
     def detect(self, fs: AbstractFileSystem, directory: str) -> bool:
@@ -243,6 +245,14 @@ class Format(ABC):
         """The shard's Parquet layout, to give `open_writer` of a Parquet output; None for other formats."""
         return None
 
+    def metadata_schema(self, fs: AbstractFileSystem, shard: Shard) -> pa.Schema | None:
+        """The Arrow schema of the metadata Parquet beside the shard (img2dataset's), for an output's metadata
+        columns to keep its types; None when there is none."""
+        from capfilt.formats.metadata import read_metadata_schema
+
+        folder = posixpath.dirname(shard.path.rstrip("/"))
+        return read_metadata_schema(fs, posixpath.join(folder, f"{shard.name}.parquet"))
+
     def expected_samples(self, fs: AbstractFileSystem, shard: Shard) -> int | None:
         """How many samples the shard holds, when that is known without reading it (for a progress bar's
         total), else None: here from the `NAME_stats.json` beside it, as img2dataset and capfilt write it."""
@@ -251,12 +261,14 @@ class Format(ABC):
 
     @abstractmethod
     def open_writer(
-        self, fs: AbstractFileSystem, output_dir: str, shard_name: str, layout: TableLayout | None = None
+        self, fs: AbstractFileSystem, output_dir: str, shard_name: str, layout: TableLayout | None = None,
+        metadata_schema: pa.Schema | None = None,
     ) -> ShardWriter:
         """A writer for the output shard `shard_name` in `output_dir`.
 
         `layout` is the input shard's `table_layout` (None when the input is not Parquet); only a Parquet
-        writer uses it, to keep the input's columns.
+        writer uses it, to keep the input's columns. `metadata_schema` is the input's `metadata_schema`, whose
+        types the metadata Parquet beside a tar or folder shard keeps.
         """
 
     @abstractmethod

@@ -15,11 +15,13 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Iterator
 
+import pyarrow as pa
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from capfilt.errors import ShardReadError
 from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, temporary_path
+from capfilt.formats.metadata import MetadataShardWriter, metadata_path
 from capfilt.formats.webdataset import IMAGE_EXTS, list_files, sample_from_members, sample_members
 from capfilt.sample import Reject, Sample
 
@@ -62,12 +64,14 @@ class FilesFormat(Format):
             yield sample_from_members(key, data, caption_column, image_column)
 
     def open_writer(
-        self, fs: AbstractFileSystem, output_dir: str, shard_name: str, layout: TableLayout | None = None
+        self, fs: AbstractFileSystem, output_dir: str, shard_name: str, layout: TableLayout | None = None,
+        metadata_schema: pa.Schema | None = None,
     ) -> ShardWriter:
-        return DirectoryShardWriter(fs, self.output_paths(output_dir, shard_name)[0])
+        folder, parquet_path = self.output_paths(output_dir, shard_name)
+        return MetadataShardWriter(DirectoryShardWriter(fs, folder), fs, parquet_path, metadata_schema)
 
     def output_paths(self, output_dir: str, shard_name: str) -> list[str]:
-        return [f"{output_dir}/{shard_name}"]
+        return [f"{output_dir}/{shard_name}", metadata_path(output_dir, shard_name)]
 
 
 def group_files(paths: list[str]) -> list[tuple[str, dict[str, str]]]:

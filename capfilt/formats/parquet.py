@@ -83,6 +83,12 @@ class ParquetFormat(Format):
             raise ShardReadError(f"cannot read {shard.path} as Parquet: {error}") from error
         return layout_of(schema, shard.path, caption_column, image_column)
 
+    def metadata_schema(self, fs: AbstractFileSystem, shard: Shard) -> pa.Schema | None:
+        """The shard's own columns: a tar or folder output's metadata Parquet keeps their types."""
+        from capfilt.formats.metadata import read_metadata_schema
+
+        return read_metadata_schema(fs, shard.path)
+
     def expected_samples(self, fs: AbstractFileSystem, shard: Shard) -> int | None:
         """The row count in the file's footer: one read of the footer, none of the data."""
         try:
@@ -109,7 +115,8 @@ class ParquetFormat(Format):
             raise ShardReadError(f"cannot read {shard.path} as Parquet: {error}") from error
 
     def open_writer(
-        self, fs: AbstractFileSystem, output_dir: str, shard_name: str, layout: TableLayout | None = None
+        self, fs: AbstractFileSystem, output_dir: str, shard_name: str, layout: TableLayout | None = None,
+        metadata_schema: pa.Schema | None = None,
     ) -> ShardWriter:
         return ParquetShardWriter(fs, self.output_paths(output_dir, shard_name)[0], layout)
 

@@ -20,10 +20,12 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
+import pyarrow as pa
 from fsspec import AbstractFileSystem
 
 from capfilt.errors import ShardReadError
 from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, restore_fields, temporary_path
+from capfilt.formats.metadata import MetadataShardWriter, metadata_path
 from capfilt.sample import Reject, Sample
 from capfilt.schema import capfilt_fields, primary_caption
 
@@ -161,12 +163,14 @@ class WebDatasetFormat(Format):
             yield sample_from_members(key, group, caption_column, image_column)
 
     def open_writer(
-        self, fs: AbstractFileSystem, output_dir: str, shard_name: str, layout: TableLayout | None = None
+        self, fs: AbstractFileSystem, output_dir: str, shard_name: str, layout: TableLayout | None = None,
+        metadata_schema: pa.Schema | None = None,
     ) -> ShardWriter:
-        return TarShardWriter(fs, self.output_paths(output_dir, shard_name)[0])
+        tar_path, parquet_path = self.output_paths(output_dir, shard_name)
+        return MetadataShardWriter(TarShardWriter(fs, tar_path), fs, parquet_path, metadata_schema)
 
     def output_paths(self, output_dir: str, shard_name: str) -> list[str]:
-        return [f"{output_dir}/{shard_name}.tar"]
+        return [f"{output_dir}/{shard_name}.tar", metadata_path(output_dir, shard_name)]
 
 
 class TarShardWriter(ShardWriter):
