@@ -1,0 +1,119 @@
+"""Keep rules: each rule alone, combined, keep-best, and the one-line errors at start-up."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from capfilt.errors import ConfigError
+from capfilt.keep import KeepRule, KeepRules, KeepTop, top_threshold
+from capfilt.scores import Score
+
+SCORES = {"itm": Score("itm", 0.0, 1.0, "probability"), "clip": Score("clip", -1.0, 1.0, "cosine")}
+CAPTIONS = [  # one image's distinct captions, web first
+    ("web alt text", {"itm": 0.2, "clip": 0.31}),
+    ("a red circle", {"itm": 0.9, "clip": 0.25}),
+    ("a blue square", {"itm": 0.7, "clip": 0.40}),
+    ("a red square", {"itm": 0.55, "clip": 0.35}),
+]
+
+
+def kept(rules: list[str], best: int | None = None) -> set[str]:
+    verdict, _ = KeepRules.parse(rules, best).judge(CAPTIONS)
+    return {text for text, keep in verdict.items() if keep}
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        ("itm>=0.55", {"a red circle", "a blue square", "a red square"}),
+        ("itm>0.55", {"a red circle", "a blue square"}),
+        ("itm<0.55", {"web alt text"}),
+        ("itm<=0.55", {"web alt text", "a red square"}),
+        ("clip>=0.28", {"web alt text", "a blue square", "a red square"}),
+        (" clip >= 0.28 ", {"web alt text", "a blue square", "a red square"}),
+    ],
+)
+def test_each_rule_alone(rule, expected):
+    assert kept([rule]) == expected
+
+
+def test_rules_combine_with_and():
+    assert kept(["itm>=0.5", "clip>=0.28"]) == {"a blue square", "a red square"}
+
+
+def test_keep_best_ranks_by_the_first_rule():
+    assert kept(["itm>=0.5"], best=1) == {"a red circle"}
+    assert kept(["clip>=0.28", "itm>=0.5"], best=1) == {"a blue square"}
+    assert kept(["clip>-1"], best=2) == {"a blue square", "a red square"}
+    # only captions that pass every rule compete
+    assert kept(["itm>=0.5", "clip>=0.38"], best=3) == {"a blue square"}
+    _, ranking = KeepRules.parse(["itm<0.6"]).judge(CAPTIONS)  # lower is better for `<`
+    assert ranking == ["web alt text", "a red square", "a blue square", "a red circle"]
+
+
+def test_a_missing_or_nan_score_fails_the_rule():
+    verdict, _ = KeepRules.parse(["itm>=0.5"]).judge([("a", {}), ("b", {"itm": math.nan}), ("c", {"itm": 0.6})])
+    assert verdict == {"a": False, "b": False, "c": True}
+
+
+@pytest.mark.parametrize("text", ["itm=>0.5", "itm>=", "itm 0.5", ">=0.5", "itm>=abc", "itm>=nan", "1tm>=0.5"])
+def test_a_malformed_rule_is_refused(text):
+    with pytest.raises(ConfigError, match="malformed keep rule"):
+        KeepRule.parse(text)
+
+
+def test_a_rule_on_a_score_not_computed_lists_the_scores():
+    with pytest.raises(ConfigError, match="'itc'.*scores the run computes: itm, clip"):
+        KeepRules.parse(["itc>=0.3"]).check(SCORES, "the run computes")
+    with pytest.raises(ConfigError, match="outside the range of 'itm'"):
+        KeepRules.parse(["itm>=1.5"]).check(SCORES)
+
+
+def test_keep_best_needs_a_rule_and_a_positive_count():
+    with pytest.raises(ConfigError, match="first --keep rule"):
+        KeepRules.parse([], best=1)
+    with pytest.raises(ConfigError, match="at least 1"):
+        KeepRules.parse(["itm>=0.5"], best=0)
+
+
+def test_top_threshold_keeps_the_top_fraction_exactly():
+    values = [i / 100 for i in range(100)]
+    threshold = top_threshold(values, 0.3)
+    assert sum(v >= threshold for v in values) == 30
+    assert top_threshold([0.5], 0.01) == 0.5  # at least one
+    assert top_threshold([], 0.3) is None
+    assert KeepTop.parse("clip:0.3") == KeepTop("clip", 0.3)
+    for text in ("clip", "clip:0", "clip:1.5", "clip:x"):
+        with pytest.raises(ConfigError, match="--keep-top"):
+            KeepTop.parse(text)
+
+
+def _capfilt(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "capfilt", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_the_cli_refuses_bad_rules_in_one_line_before_any_model_loads(tiny_models, shapes_dataset, tmp_path):
+    captioner, filter_ = tiny_models
+    cases = [
+        (["--keep", "itm=>0.5"], "malformed keep rule 'itm=>0.5'"),
+        (["--keep", "clip>=0.3"], "which is not among the scores the run's filters compute: itm, itc"),
+        (["--keep-best", "0"], "--keep-best must be at least 1"),
+        (["--threshold", "0.5", "--filter", f"blipB={filter_}"], "scores the run's filters compute: blipB_itm, "
+                                                                 "blipB_itc"),
+        (["--filter", filter_, "--filter", filter_], "two filters compute a score named 'itm'"),
+    ]
+    for extra, message in cases:
+        args = ["filter", str(shapes_dataset), str(tmp_path / "out"), "--filter", filter_, *extra]
+        if "--filter" in extra:
+            args = ["filter", str(shapes_dataset), str(tmp_path / "out"), *extra]
+        result = _capfilt(*args)
+        assert result.returncode == 2, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert lines == [f"capfilt: error: {lines[0].removeprefix('capfilt: error: ')}"], result.stderr
+        assert message in lines[0], lines[0]
+        assert "loading the filter" not in result.stderr
+        assert not (tmp_path / "out").exists()
