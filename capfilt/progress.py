@@ -133,8 +133,8 @@ def summary_table(summary: RunSummary, samples_this_run: int | None = None) -> T
         rate = done / summary.seconds if summary.seconds else 0.0
         rows.append(("seconds (images/s)", f"{summary.seconds:.1f} ({rate:.1f})"))
     rows += [(f"  rejected: {reason}", count) for reason, count in summary.reject_reasons.items()]
-    for kind, quantiles in summary.score_quantiles.items():
-        rows.append((f"{kind.upper()} score quantiles", "  ".join(f"{q} {v:.3f}" for q, v in quantiles.items())))
+    for name, quantiles in summary.score_quantiles.items():
+        rows.append((f"{name} score quantiles", "  ".join(f"{q} {v:.3f}" for q, v in quantiles.items())))
     rows += [(f"  failed shard {name}", error) for name, error in summary.failed_shards.items()]
     for what, value in rows:
         table.add_row(what, Text(str(value)))
@@ -146,32 +146,30 @@ def samples_table(samples: list[Sample], dropped: list[Sample], title: str, labe
     the samples of a dataset no run wrote) and dropped alike; a column no caption has a value for is left out."""
     outcomes = [(s, f"[green]{label}") for s in samples] + [(s, "[red]dropped") for s in dropped]
     captions = [caption for sample, _ in outcomes for caption in sample.captions()]
-    columns = {
-        "ITM": any(caption.itm_score is not None for caption in captions),
-        "ITC": any(caption.itc_score is not None for caption in captions),
-        "caption kept": any(caption.kept is not None for caption in captions),
-    }
+    # A column per score the captions have, named as the run named it; and the decision, when there is one.
+    score_columns = list(dict.fromkeys(name for caption in captions for name in caption.scores))
+    show_kept = any(caption.kept is not None for caption in captions)
     table = Table(title=title)
     table.add_column("sample")
     table.add_column("caption")
-    for column, shown in columns.items():
-        if shown:
-            table.add_column(column, justify="left" if column == "caption kept" else "right")
+    for name in score_columns:
+        table.add_column(name, justify="right")
+    if show_kept:
+        table.add_column("caption kept", justify="left")
     for sample, outcome in outcomes:
         sample_captions = sample.captions()
         if not sample_captions:
             table.add_row(Text(sample.key) + Text.from_markup(f"\n{outcome}"), Text("(no caption)", style="dim"),
                           end_section=True)
         for index, caption in enumerate(sample_captions):
-            values = {
-                "ITM": "" if caption.itm_score is None else f"{caption.itm_score:.3f}",
-                "ITC": "" if caption.itc_score is None else f"{caption.itc_score:.3f}",
-                "caption kept": {True: "[green]yes", False: "[red]no", None: ""}[caption.kept],
-            }
+            values = [Text("" if caption.scores.get(name) is None else f"{caption.scores[name]:.3f}")
+                      for name in score_columns]
+            if show_kept:
+                values.append({True: "[green]yes", False: "[red]no", None: ""}[caption.kept])
             table.add_row(
                 Text(sample.key) + Text.from_markup(f"\n{outcome}") if index == 0 else "",
                 Text(f"{caption.source}: ", style="dim") + Text(caption.text),
-                *(value for column, value in values.items() if columns[column]),
+                *values,
                 end_section=index == len(sample_captions) - 1,
             )
     return table
