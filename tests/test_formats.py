@@ -15,10 +15,10 @@ import pytest
 import webdataset
 from fsspec.implementations.local import LocalFileSystem
 
+from capfilt.config import FilterMode
 from capfilt.errors import ShardReadError
 from capfilt.formats import FORMATS, Format, Shard
 from capfilt.formats.files import group_files
-from capfilt.config import FilterMode
 from capfilt.keep import KeepRules
 from capfilt.sample import Caption, Reject, Sample
 from capfilt.schema import arrow_fields, kept_captions, primary_caption
@@ -261,14 +261,16 @@ def test_webdataset_output_is_byte_identical_for_the_same_input(tmp_path: Path) 
 @pytest.mark.parametrize("name", ["webdataset", "parquet", "files"])
 def test_nothing_final_exists_before_commit(tmp_path: Path, name: str) -> None:
     fmt = FORMATS[name]
-    [final] = fmt.output_paths(str(tmp_path), "00000")
+    paths = fmt.output_paths(str(tmp_path), "00000")  # the shard, then the metadata Parquet beside a tar or folder
+    final = paths[0]
     writer = fmt.open_writer(FS, str(tmp_path), "00000")
     for sample in scored_samples():
         writer.write(sample)
-    assert not FS.exists(final)
+    assert not any(FS.exists(path) for path in paths)
     assert fmt.list_shards(FS, str(tmp_path)) == []  # a crash here leaves nothing that looks like a shard
     writer.commit()
-    assert FS.exists(final) and [p.name for p in tmp_path.iterdir()] == [Path(final).name]
+    assert all(FS.exists(path) for path in paths)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(path).name for path in paths)
     assert [s.key for s in read(fmt, final)] == ["000000007", "000000008", "000000009"]
 
 
@@ -293,16 +295,16 @@ def test_two_attempts_at_one_shard_never_share_a_temporary(tmp_path: Path, name:
         second.write(sample)
     first.commit()
     second.commit()
-    [final] = fmt.output_paths(str(tmp_path), "00000")
-    assert [p.name for p in tmp_path.iterdir()] == [Path(final).name]
-    assert [s.key for s in read(fmt, final)] == [s.key for s in samples]
+    paths = fmt.output_paths(str(tmp_path), "00000")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(path).name for path in paths)
+    assert [s.key for s in read(fmt, paths[0])] == [s.key for s in samples]
 
 
 @pytest.mark.parametrize("name", ["webdataset", "parquet", "files"])
 def test_empty_shard_is_written_and_reads_back_empty(tmp_path: Path, name: str) -> None:
     write(FORMATS[name], tmp_path, "00003", [])
-    [final] = FORMATS[name].output_paths(str(tmp_path), "00003")
-    assert FS.exists(final) and read(FORMATS[name], final) == []
+    paths = FORMATS[name].output_paths(str(tmp_path), "00003")
+    assert all(FS.exists(path) for path in paths) and read(FORMATS[name], paths[0]) == []
 
 
 @pytest.mark.parametrize("name", ["webdataset", "parquet", "files"])
