@@ -102,9 +102,7 @@ class OutputDirectory:
 
     def remove_shard_temporaries(self, shard: Shard) -> None:
         """Remove what an earlier attempt at `shard` left (a Ray attempt killed mid-shard, just before this one)."""
-        for pattern in self._shard_temporaries(shard):
-            for leftover in self.fs.glob(pattern):
-                self.fs.rm(leftover, recursive=True)
+        self.remove_temporaries([shard])
 
     def _shard_temporaries(self, shard: Shard) -> list[str]:
         paths = self.format.output_paths(self.path, shard.name) + list(self.side_files(shard.name).values())

@@ -86,11 +86,11 @@ def kept_captions(sample: Sample) -> list[str]:
     return list(dict.fromkeys(c.text for c in chosen))
 
 
-def primary_caption(sample: Sample) -> str | None:
+def primary_caption(sample: Sample, kept: list[str] | None = None) -> str | None:
     """The caption a `(jpg, txt)` loader sees: the first kept caption (the best one, or the web caption when
     nothing was judged); for a sample none of whose captions is kept, the web caption, else the first
-    synthetic one."""
-    kept = kept_captions(sample)
+    synthetic one. `kept` is `kept_captions(sample)` when the caller has it."""
+    kept = kept_captions(sample) if kept is None else kept
     if kept:
         return kept[0]
     if sample.web_caption is not None:
@@ -110,21 +110,23 @@ def synthetic_record(caption: Caption) -> dict[str, Any]:
     }
 
 
-def capfilt_fields(sample: Sample) -> dict[str, Any]:
-    """The fields capfilt adds to a sample's JSON (and Parquet columns), with `decoding` as a dict."""
+def capfilt_fields(sample: Sample, kept: list[str] | None = None) -> dict[str, Any]:
+    """The fields capfilt adds to a sample's JSON (and Parquet columns), with `decoding` as a dict; `kept` is
+    `kept_captions(sample)` when the caller has it."""
     return {
         WEB_CAPTION: sample.web_caption,
         **{web_score_field(name): value for name, value in sample.web_scores.items()},
         WEB_KEPT: sample.web_kept,
         SYNTHETIC: [synthetic_record(c) for c in sample.synthetic_captions],
-        KEPT: kept_captions(sample),
+        KEPT: kept_captions(sample) if kept is None else kept,
     }
 
 
 def arrow_values(sample: Sample, scores: list[str]) -> dict[str, Any]:
     """`capfilt_fields` shaped for `arrow_fields(scores)`: every score column (null where the sample lacks the
     score), decoding settings as a JSON string, and the primary caption."""
-    fields = {PRIMARY: primary_caption(sample), **capfilt_fields(sample)}
+    kept = kept_captions(sample)
+    fields = {PRIMARY: primary_caption(sample, kept), **capfilt_fields(sample, kept)}
     for name in scores:
         fields.setdefault(web_score_field(name), None)
     fields[SYNTHETIC] = [
