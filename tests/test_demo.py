@@ -8,12 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from capfilt.config import Command, FilterSettings, RunConfig
+import capfilt
 from capfilt.demo import examples
 from capfilt.inspect import read_output_samples
-from capfilt.models import DecodingSettings
-from capfilt.pipeline import run
-from capfilt.presets import load_preset
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "shapes"
@@ -27,15 +24,11 @@ def test_the_bundled_example_is_what_the_generator_writes(tmp_path):
 
 
 def test_demo_bootstrap_keeps_right_captions_and_drops_wrong_ones(tmp_path):
-    preset = load_preset("demo")
     out = tmp_path / "out"
-    summary = run(RunConfig(
-        command=Command.bootstrap, input=str(EXAMPLE), output=str(out), captioner=preset.captioner,
-        filter=preset.filter, batch_size=16,
-        decoding=DecodingSettings(num_beams=3, max_length=preset.max_length, min_length=preset.min_length,
-                                  prompt=preset.prompt),
-        filtering=FilterSettings(itm_threshold=preset.itm_threshold, text_max_tokens=preset.text_max_tokens),
-    ))
+    # The demo preset's captioner, filter, decoding lengths, prompt and keep rule (itm>=0.5), with beam search.
+    summary = capfilt.run(str(EXAMPLE), str(out), command="bootstrap", preset="demo", num_beams=3, batch_size=16,
+                          device="cpu", dtype="float32")
+    assert json.loads((out / "capfilt_run.json").read_text())["keep"] == ["itm>=0.5"]  # the preset's rule
     rows = {row.key: row for shard in (0, 1) for row in examples.example_rows(shard)}
     downloaded = [row for row in rows.values() if row.jpeg is not None]
     assert summary.read == len(downloaded)
