@@ -50,7 +50,7 @@ class Sample:
     metadata: dict[str, Any] = field(default_factory=dict)
     extra_members: dict[str, bytes] = field(default_factory=dict)
     synthetic_captions: list[Caption] = field(default_factory=list)
-    web_scores: dict[str, float] = field(default_factory=dict)
+    web_scores: dict[str, float | None] = field(default_factory=dict)  # null for an image without web caption
     web_kept: bool | None = None
     pixels: dict[str, torch.Tensor] = field(default_factory=dict)
     # The judged captions' texts, best first, as the keep rules ranked them (or as an earlier run did).

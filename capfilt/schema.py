@@ -141,8 +141,8 @@ def restore_capfilt_fields(sample: Sample) -> None:
     """Move capfilt fields found in `sample.metadata` (output of an earlier run) back into the sample.
 
     The web caption recorded there wins over the reader's caption, since an earlier run may have replaced
-    `.txt` with its primary caption. A score recorded as null (a Parquet column another sample filled) is
-    one this caption does not have.
+    `.txt` with its primary caption. A score recorded as null is one the caption does not have (a Parquet
+    column another sample filled), but for an image without web caption, where a run writes its scores null.
     """
     meta = sample.metadata
     if WEB_CAPTION not in meta and SYNTHETIC not in meta:
@@ -151,7 +151,7 @@ def restore_capfilt_fields(sample: Sample) -> None:
     sample.web_kept = meta.get(WEB_KEPT)
     for field, value in meta.items():
         match = _WEB_SCORE.fullmatch(field)
-        if match and value is not None:
+        if match and (value is not None or sample.web_caption is None):
             sample.web_scores[match.group(1)] = value
     for record in meta.get(SYNTHETIC) or []:
         decoding = record.get("decoding")

@@ -126,6 +126,8 @@ class ScoreStage(Stage):
             by_text = dict(zip(sample_texts, sample_scores))
             if sample.web_caption is not None:
                 sample.web_scores.update(self._named(by_text[sample.web_caption]))
+            else:  # null, not absent: every sample of a run has the same fields, for loaders that infer types
+                sample.web_scores.update(dict.fromkeys(score.name for score in self.scores.values()))
             for caption in sample.synthetic_captions:
                 caption.scores.update(self._named(by_text[caption.text]))
         return batch
