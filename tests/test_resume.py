@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from capfilt.config import Command, FilterMode, FilterSettings, RunConfig
+from capfilt.api import build_config
+from capfilt.config import Command, FilterMode, RunConfig
 from capfilt.errors import ConfigError, OutputError
 from capfilt.formats import FORMATS
-from capfilt.models import DecodingSettings
 from capfilt.observer import Observer
 from capfilt.output import NON_OUTPUT_SETTINGS, OutputDirectory
 from capfilt.pipeline import Pipeline, run
@@ -34,13 +34,15 @@ def make_dataset(directory: Path) -> Path:
     return directory
 
 
-def bootstrap_config(input: Path, output: Path, models, **overrides) -> RunConfig:
+def bootstrap_config(input: Path, output: Path, models, **options) -> RunConfig:
+    """What `capfilt.run(input, output, command="bootstrap", ...)` runs: 2 sampled captions per image, both BLIP
+    scores computed and every caption kept (the rules every score passes), on the CPU; `options` (the CLI's
+    names) override."""
     settings = dict(
-        command=Command.bootstrap, input=str(input), output=str(output), captioner=models[0], filter=models[1],
-        decoding=DecodingSettings(num_captions=2, max_length=12, min_length=4, seed=7),
-        filtering=FilterSettings(itm=True, itc=True, itm_threshold=0.0, itc_threshold=-1.0), batch_size=4,
+        captioner=models[0], filter=[models[1]], num_captions=2, max_length=12, min_length=4, seed=7,
+        keep=["itm>=0.0", "itc>=-1.0"], batch_size=4, device="cpu", dtype="float32",
     )
-    return RunConfig(**{**settings, **overrides})
+    return build_config(Command.bootstrap, str(input), str(output), **{**settings, **options})
 
 
 class ShardCounter(Observer):
@@ -89,12 +91,13 @@ def test_overwrite_redoes_every_shard(tiny_models, tmp_path):
 def test_rerun_with_other_settings_is_refused(tiny_models, tmp_path):
     input, out = make_dataset(tmp_path / "in"), tmp_path / "out"
     run(bootstrap_config(input, out, tiny_models))
-    other = FilterSettings(itm=True, itm_threshold=0.7, mode=FilterMode.drop)
-    with pytest.raises(ConfigError, match="other settings.*filtering.*--overwrite"):
-        run(bootstrap_config(input, out, tiny_models, filtering=other))
-    with pytest.raises(ConfigError, match="decoding"):
-        run(bootstrap_config(input, out, tiny_models, decoding=DecodingSettings(num_beams=3, max_length=12)))
-    run(bootstrap_config(input, out, tiny_models, filtering=other, overwrite=True))
+    other = {"keep": ["itm>=0.7"], "mode": FilterMode.drop}
+    with pytest.raises(ConfigError, match=r"other settings.*keep: \[.*\] -> \['itm>=0\.7'\].*--overwrite"):
+        run(bootstrap_config(input, out, tiny_models, **other))
+    with pytest.raises(ConfigError, match="decoding"):  # DecodingSettings(num_beams=3, max_length=12)
+        run(bootstrap_config(input, out, tiny_models, num_beams=3, num_captions=1, max_length=12, min_length=10,
+                             seed=0))
+    run(bootstrap_config(input, out, tiny_models, **other, overwrite=True))
 
 
 def test_a_second_run_on_the_same_output_is_refused(tiny_models, tmp_path):
