@@ -8,7 +8,8 @@ import logging
 import pytest
 from typer.testing import CliRunner
 
-from capfilt.cli import app, share_of_job
+from capfilt.api import share_of_job
+from capfilt.cli import app
 from capfilt.errors import ConfigError
 from capfilt.formats.base import Shard
 from capfilt.inspect import summarize

@@ -36,12 +36,14 @@ def make_dataset(directory: Path) -> Path:
 
 def bootstrap_config(input: Path, output: Path, models, **options) -> RunConfig:
     """What `capfilt.run(input, output, command="bootstrap", ...)` runs: 2 sampled captions per image, both BLIP
-    scores computed and every caption kept (the rules every score passes), on the CPU; `options` (the CLI's
+    scores computed and every caption kept (itm>=0.0, itc>=-1.0), on the CPU, with the options of the command
+    lines below (`capfilt_process`, and test_ray's), so that their outputs are the same; `options` (the CLI's
     names) override."""
-    settings = dict(
-        captioner=models[0], filter=[models[1]], num_captions=2, max_length=12, min_length=4, seed=7,
-        keep=["itm>=0.0", "itc>=-1.0"], batch_size=4, device="cpu", dtype="float32",
-    )
+    settings = {
+        "captioner": models[0], "filter": [models[1]], "num_captions": 2, "max_length": 12, "min_length": 4,
+        "seed": 7, "scores": "itm,itc", "threshold": 0.0, "itc_threshold": -1.0, "batch_size": 4, "device": "cpu",
+        "dtype": "float32",
+    }
     return build_config(Command.bootstrap, str(input), str(output), **{**settings, **options})
 
 
@@ -91,7 +93,7 @@ def test_overwrite_redoes_every_shard(tiny_models, tmp_path):
 def test_rerun_with_other_settings_is_refused(tiny_models, tmp_path):
     input, out = make_dataset(tmp_path / "in"), tmp_path / "out"
     run(bootstrap_config(input, out, tiny_models))
-    other = {"keep": ["itm>=0.7"], "mode": FilterMode.drop}
+    other = {"threshold": 0.7, "itc_threshold": None, "scores": None, "mode": FilterMode.drop}  # ITM alone, >= 0.7
     with pytest.raises(ConfigError, match=r"other settings.*keep: \[.*\] -> \['itm>=0\.7'\].*--overwrite"):
         run(bootstrap_config(input, out, tiny_models, **other))
     with pytest.raises(ConfigError, match="decoding"):  # DecodingSettings(num_beams=3, max_length=12)
