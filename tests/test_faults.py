@@ -28,8 +28,8 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageFile
 from typer.testing import CliRunner
 
-from capfilt.cli import app
 from capfilt.api import build_config
+from capfilt.cli import app
 from capfilt.config import Command, FilterMode, RunConfig
 from capfilt.decode import DEFAULT_MAX_PIXELS
 from capfilt.formats import FORMATS
