@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -66,9 +67,9 @@ def inject(monkeypatch: pytest.MonkeyPatch, captioner: Faults | None = None, fil
         score_pixels = model.score_pixels
         by_caption = {odd_caption(key): error for key, error in (filter or {}).items()}
 
-        def raising(pixels: torch.Tensor, captions: list[list[str]], itm: bool, itc: bool) -> list[list]:
+        def raising(pixels: torch.Tensor, captions: list[list[str]], names: Collection[str]) -> list[list]:
             raise_on(by_caption, [text for texts in captions for text in texts])
-            return score_pixels(pixels, captions, itm, itc)
+            return score_pixels(pixels, captions, names)
 
         model.score_pixels = raising
         return model
