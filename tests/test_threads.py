@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from capfilt import stages
-from capfilt.config import Command, FilterSettings, RunConfig
-from capfilt.models import DecodingSettings
+from capfilt.api import build_config
+from capfilt.config import Command, RunConfig
 from capfilt.pipeline import run
 from capfilt.threads import decode_worker_threads, model_stage_threads, use_threads
 
@@ -53,18 +53,19 @@ def threads_seen(monkeypatch) -> dict[str, set[int]]:
         monkeypatch.setattr(cls, method, wrapper)
 
     recording(stages.CaptionStage, "process", "caption")
-    recording(stages.FilterStage, "process", "filter")
+    recording(stages.ScoreStage, "process", "filter")
     recording(stages.DecodeStage, "_decode", "decode")
     return seen
 
 
-def config(command: Command, input: Path, output: Path, models: tuple[str, str], **overrides) -> RunConfig:
-    captions, filters = command is not Command.filter, command is not Command.caption
-    return RunConfig(
-        command=command, input=str(input), output=str(output), captioner=models[0] if captions else None,
-        filter=models[1] if filters else None, decoding=DecodingSettings(num_beams=2, max_length=8, min_length=3) if captions
-        else None, filtering=FilterSettings() if filters else None, batch_size=4, device="cpu", **overrides,
-    )
+def config(command: Command, input: Path, output: Path, models: tuple[str, str], **options) -> RunConfig:
+    """What `capfilt.run` runs on the CPU: short beam captions, the filter's default scores and keep rule."""
+    settings: dict = {"batch_size": 4, "device": "cpu", "dtype": "float32"}
+    if command in (Command.caption, Command.bootstrap):
+        settings.update(captioner=models[0], num_beams=2, max_length=8, min_length=3)
+    if command in (Command.filter, Command.bootstrap):
+        settings.update(filter=[models[1]])
+    return build_config(command, str(input), str(output), **{**settings, **options})
 
 
 def test_a_thread_sets_its_own_count_only():
