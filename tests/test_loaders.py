@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt.config import Command, DecodingSettings, FilterMode, FilterSettings
+from capfilt.config import Command, DecodingSettings, FilterMode
 from capfilt.pipeline import run
 from capfilt.sample import Sample
 from capfilt.stats import RunSummary
@@ -25,9 +25,10 @@ datasets = pytest.importorskip("datasets")
 
 DECODING = DecodingSettings(num_beams=2, max_length=10, min_length=4)
 DEMO_MODELS = ("models/demo/captioner", "models/demo/filter")
+# The filter's options (`capfilt.run`'s names): keep rules and mode.
 # No ITM score reaches 1: in annotate mode no caption passes, so no image keeps one by the filter's verdict.
-NOTHING_PASSES = FilterSettings(itm=True, itm_threshold=1.0, mode=FilterMode.annotate)
-EVERYTHING_PASSES = FilterSettings(itm=True, itc=True, itm_threshold=0.0, itc_threshold=-1.0, mode=FilterMode.drop)
+NOTHING_PASSES = {"keep": ["itm>=1.0"], "mode": FilterMode.annotate}
+EVERYTHING_PASSES = {"keep": ["itm>=0.0", "itc>=-1.0"], "mode": FilterMode.drop}
 RUNS = {
     "caption": (Command.caption, None),
     "filter-drop": (Command.filter, EVERYTHING_PASSES),
@@ -37,9 +38,21 @@ RUNS = {
 }
 
 
-def capfilt_run(command: Command, filtering: FilterSettings | None, input: Path, out: Path, models, **overrides):
-    settings = {"decoding": DECODING if command is not Command.filter else None, "filtering": filtering}
-    return run(config(command, input, out, models, **{**settings, **overrides}))
+def decoding_options(decoding: DecodingSettings) -> dict:
+    """The options of `capfilt.run` that give `decoding`."""
+    names = ("num_beams", "num_captions", "top_p", "max_length", "min_length", "repetition_penalty", "prompt", "seed")
+    return {name: getattr(decoding, name) for name in names}
+
+
+def capfilt_run(command: Command, filtering: dict | None, input: Path, out: Path, models,
+                decoding: DecodingSettings = DECODING, **overrides):
+    """A run of test_pipeline's config with `decoding` (when the command captions) and the filter's options
+    `filtering` (when it filters)."""
+    captions = command in (Command.caption, Command.bootstrap)
+    settings = {**(decoding_options(decoding) if captions else {}), **(filtering or {})}
+    built = config(command, input, out, models, **{**settings, **overrides})
+    assert built.decoding == (decoding if captions else None)
+    return run(built)
 
 
 def load(builder: str, out: Path, cache: Path, pattern: str, **options) -> datasets.Dataset:
@@ -95,14 +108,14 @@ def test_annotate_webdataset_whose_first_samples_keep_nothing_loads(tiny_models,
     items = shape_items(8)
     write_webdataset_shards(tmp_path / "scoring", items)
     capfilt_run(Command.bootstrap, NOTHING_PASSES, tmp_path / "scoring", tmp_path / "scores", tiny_models)
-    best = {s.key: max(c.itm_score for c in s.captions()) for s in read_output(tmp_path / "scores")}
+    best = {s.key: max(c.scores["itm"] for c in s.captions()) for s in read_output(tmp_path / "scores")}
     items.sort(key=lambda item: best[item[0]])  # the worst five first, in one tar
     ranked = sorted(best.values())
     assert ranked[4] < ranked[-1]
     threshold = (ranked[4] + ranked[-1]) / 2
     write_webdataset_shards(tmp_path / "in", items)
     out = tmp_path / "out"
-    settings = FilterSettings(itm=True, itm_threshold=threshold, mode=FilterMode.annotate)
+    settings = {"keep": [f"itm>={threshold!r}"], "mode": FilterMode.annotate}
     summary = capfilt_run(Command.bootstrap, settings, tmp_path / "in", out, tiny_models)
     written = read_output(out)
     passed = [any(c.kept for c in s.captions()) for s in written]
@@ -160,7 +173,7 @@ def test_nucleus_captions_are_kept_once_with_their_count(tmp_path):
 
     # the filter reads the counts back, scores each text once and lists each kept text once
     filtered = tmp_path / "filtered"
-    settings = FilterSettings(itm=True, itm_threshold=0.0, mode=FilterMode.drop)
+    settings = {"keep": ["itm>=0.0"], "mode": FilterMode.drop}
     second = capfilt_run(Command.filter, settings, out, filtered, DEMO_MODELS)
     after = read_output(filtered)
     assert [[(c.text, c.count) for c in s.synthetic_captions] for s in after] == [
@@ -185,7 +198,7 @@ def test_a_synthetic_caption_equal_to_the_web_caption_is_scored_and_kept_once(ti
     assert summary.captions_scored == 4 and summary.captions_kept == 4
     for sample in read_output(out):
         assert [(c.text, c.count) for c in sample.synthetic_captions] == [(sample.web_caption, 1)]
-        assert sample.synthetic_captions[0].itm_score == sample.web_itm_score
+        assert sample.synthetic_captions[0].scores == sample.web_scores and "itm" in sample.web_scores
         assert json.loads(_json_member(out, sample.key))["kept_captions"] == [sample.web_caption]
 
 
