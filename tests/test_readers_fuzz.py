@@ -29,7 +29,7 @@ from capfilt.formats import FORMATS, Format
 from capfilt.formats.base import writable_text
 from capfilt.formats.webdataset import split_member_name
 from capfilt.sample import Reject, Sample
-from capfilt.schema import CAPFILT_FIELDS
+from capfilt.schema import KEPT, SYNTHETIC, WEB_CAPTION, WEB_KEPT, is_capfilt_field, web_score_field
 from tests.datasets import encode_image, make_image
 
 FS = LocalFileSystem()
@@ -92,7 +92,8 @@ def check_captions(sample: Sample) -> None:
     assert sample.web_caption is None or isinstance(sample.web_caption, str), sample.web_caption
     for caption in sample.captions():
         assert isinstance(caption.text, str), caption
-        assert all(s is None or isinstance(s, (int, float)) for s in (caption.itm_score, caption.itc_score)), caption
+        assert isinstance(caption.scores, dict), caption
+        assert all(isinstance(name, str) and isinstance(s, (int, float)) for name, s in caption.scores.items()), caption
         assert caption.kept is None or isinstance(caption.kept, bool), caption
         assert caption.decoding is None or isinstance(caption.decoding, dict), caption
 
@@ -132,6 +133,9 @@ SEED_TARS = [
     tar_bytes([("a.jpg", JPG), ("a.txt", b"a red square"), ("a.json", b'{"url": "x"}'), ("b.png", PNG)]),
     tar_bytes([("x/1.jpg", JPG), ("x/1.txt", "été".encode()), ("x/2.jpg", JPG), ("x/2.json", b"[1]")]),
 ]
+# capfilt's own JSON fields, with the score fields of the BLIP and CLIP families.
+CAPFILT_FIELDS = (WEB_CAPTION, *(web_score_field(name) for name in ("itm", "itc", "clip")), WEB_KEPT, SYNTHETIC, KEPT)
+assert all(is_capfilt_field(name) for name in CAPFILT_FIELDS)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
