@@ -7,9 +7,10 @@
 In one process: (a) the loop a transformers user writes, one image at a time in fp32: ITM of the web caption,
 a beam-search caption primed with "a picture of ", ITM of that caption (three vision passes per image);
 (b) on GPU only, the same loop batched in --dtype, as LAVIS-style scripts do; (c) `capfilt caption`, `filter`
-and `bootstrap` through `Pipeline` on a webdataset shard of the same images. Each is timed on N and on M images
-and costs (t_M - t_N) / (M - N) per image, so start-up cancels out (capfilt's model loading is not timed: it
-varies by seconds from run to run).
+and `bootstrap` through the entry point `capfilt.run` on a webdataset shard of the same images. Each is timed on
+N and on M images and costs (t_M - t_N) / (M - N) per image, so start-up cancels out (capfilt's model loading
+is not timed: it varies by seconds from run to run; capfilt's time starts when its observer hears the run start).
+capfilt's parts are timed by wrapping its stage, format and model classes for the length of a run.
 
 Threads: by default each method runs as a user runs it, the plain loop with torch's default thread count and
 capfilt with its own default (on CPU, the cores split between its model stages); `--threads T` gives the plain
@@ -22,7 +23,7 @@ from the plain loop's by more than 1e-4 (in bf16/fp16 agreement is reported, not
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import functools
 import gc
 import io
@@ -38,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import webdataset
@@ -54,16 +56,21 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
-from capfilt.config import DTYPES, Command, FilterMode, FilterSettings, RunConfig
+import capfilt
+from capfilt import stages
+from capfilt.config import DTYPES, Command, FilterMode
 from capfilt.demo import shapes, tiny_blip
-from capfilt.models import DecodingSettings
-from capfilt.pipeline import Pipeline
+from capfilt.formats.webdataset import WebDatasetFormat
+from capfilt.models.blip import BlipImageInput
+from capfilt.observer import Observer
 from capfilt.sample import Sample
 from capfilt.threads import model_stage_threads
 
 PROMPT = "a picture of "
 MAX_LENGTH, MIN_LENGTH = 30, 10
-ITM_TOKENS = 35  # BLIP's ITM text length, capfilt's FilterSettings.text_max_tokens
+ITM_TOKENS = 35  # BLIP's ITM text length, capfilt's BlipFilter.text_max_tokens
+# The commands timed (select runs no model).
+MODEL_COMMANDS = (Command.caption, Command.filter, Command.bootstrap)
 BERT_VOCAB = 30524  # BERT's 30522 tokens + BLIP's [DEC] and [ENC]
 ITM_TOLERANCE = 1e-4
 BACKGROUND_PARTS = ("read", "decode", "resize")  # in capfilt, overlapping the models
@@ -348,33 +355,50 @@ class PlainLoop:
 # --- (c): capfilt -------------------------------------------------------------------------------------------
 
 
-def run_capfilt(config: RunConfig) -> tuple[Run, dict[str, Sample]]:
-    """One `Pipeline` run with its stages timed, model loading not included (it varies by seconds from run to run
+class RunClock(Observer):
+    """When the run starts: after its models have loaded and its output is prepared."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+
+    def run_started(self, total_shards: int) -> None:
+        self.started = time.perf_counter()
+
+
+def run_capfilt(command: Command, input: Path, output: Path, **options: Any) -> tuple[Run, dict[str, Sample]]:
+    """One `capfilt.run` with its parts timed, model loading not included (it varies by seconds from run to run
     on a busy machine, and would not cancel out in t_M - t_N); returns what it wrote."""
-    timers = Timers(config.device.startswith("cuda"))
+    timers = Timers(str(options.get("device", "")).startswith("cuda"))
     written: dict[str, Sample] = {}
-    pipeline = Pipeline(config)
-    instrument(pipeline, timers, written)
-    start = time.perf_counter()
-    pipeline.run()
-    seconds = time.perf_counter() - start
-    del pipeline
+    clock = RunClock()
+    with instrumented(timers, written):
+        capfilt.run(str(input), str(output), command=command.value, observer=clock, **options)
+    seconds = time.perf_counter() - clock.started
     release_memory()
     return Run(seconds, dict(timers.seconds)), written
 
 
-def instrument(pipeline: Pipeline, timers: Timers, written: dict[str, Sample]) -> None:
-    """Time the pipeline's parts, and keep every sample it writes in `written`."""
-    worker = pipeline.runner.worker
-    # The formats are shared singletons: time copies of them, so no wrapper outlives this run.
-    reader = worker.input_format = copy.copy(worker.input_format)
-    read_shard = reader.read_shard
-    reader.read_shard = lambda *args, **kwargs: timers.iterate("read", read_shard(*args, **kwargs))
-    output_format = worker.output_format = copy.copy(worker.output_format)
-    open_writer = output_format.open_writer
+def wrapped(timers: Timers, name: str, method: Callable, sync: bool = True) -> Callable:
+    """`method` (a function defined on a class) timed under `name`."""
 
-    def timed_writer(*args: Any, **kwargs: Any) -> Any:
-        writer = open_writer(*args, **kwargs)
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return timers.wrap(name, functools.partial(method, self), sync=sync)(*args, **kwargs)
+
+    return timed
+
+
+@contextlib.contextmanager
+def instrumented(timers: Timers, written: dict[str, Sample]) -> Iterator[None]:
+    """For the length of a run: time capfilt's parts by wrapping the classes it runs (stages, the webdataset
+    format, the BLIP models' preprocessing), and keep every sample it writes in `written`. Model stages are
+    named as the plain loop's parts: "caption", and "filter" for the scores and the keep rules."""
+    read_shard, open_writer = WebDatasetFormat.read_shard, WebDatasetFormat.open_writer
+
+    def timed_read(self: WebDatasetFormat, *args: Any, **kwargs: Any) -> Iterator:
+        return timers.iterate("read", read_shard(self, *args, **kwargs))
+
+    def timed_writer(self: WebDatasetFormat, *args: Any, **kwargs: Any) -> Any:
+        writer = open_writer(self, *args, **kwargs)
         write = timers.wrap("write", writer.write, sync=False)
 
         def keep_and_write(sample: Sample) -> None:
@@ -384,15 +408,31 @@ def instrument(pipeline: Pipeline, timers: Timers, written: dict[str, Sample]) -
         writer.write = keep_and_write
         return writer
 
-    output_format.open_writer = timed_writer
-    worker.decode.process = timers.wrap("decode", worker.decode.process, sync=False)
-    preprocessors = worker.decode.preprocessors
-    for name, preprocess in preprocessors.items():  # one per distinct preprocessing, in the decode workers
-        preprocessors[name] = timers.wrap("resize", preprocess, sync=False)
-    for stage in worker.stages:
-        stage.process = timers.wrap(stage.name, stage.process)
-        model = getattr(stage, "captioner", None) or stage.filter
-        timers.hook(f"vision:{stage.name}", model.model.vision_model)
+    def hooking(init: Callable, name: str, model_of: Callable[[Any], Any]) -> Callable:
+        """A stage's `__init__` that also times its model's vision passes."""
+
+        def init_and_hook(self: Any, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **kwargs)
+            timers.hook(f"vision:{name}", model_of(self).model.vision_model)
+
+        return init_and_hook
+
+    patches = [
+        (WebDatasetFormat, "read_shard", timed_read),
+        (WebDatasetFormat, "open_writer", timed_writer),
+        # in the decode workers, one call per distinct preprocessing
+        (BlipImageInput, "preprocess", wrapped(timers, "resize", BlipImageInput.preprocess, sync=False)),
+        (stages.DecodeStage, "process", wrapped(timers, "decode", stages.DecodeStage.process, sync=False)),
+        (stages.CaptionStage, "process", wrapped(timers, "caption", stages.CaptionStage.process)),
+        (stages.ScoreStage, "process", wrapped(timers, "filter", stages.ScoreStage.process)),
+        (stages.KeepStage, "process", wrapped(timers, "filter", stages.KeepStage.process)),
+        (stages.CaptionStage, "__init__", hooking(stages.CaptionStage.__init__, "caption", lambda s: s.captioner)),
+        (stages.ScoreStage, "__init__", hooking(stages.ScoreStage.__init__, "filter", lambda s: s.filter)),
+    ]
+    with contextlib.ExitStack() as stack:
+        for owner, name, replacement in patches:
+            stack.enter_context(mock.patch.object(owner, name, replacement))
+        yield
 
 
 # --- FLOPs and peaks ----------------------------------------------------------------------------------------
@@ -508,7 +548,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)  # this thread's: the plain loop's (capfilt's stages get it in RunConfig)
+        torch.set_num_threads(args.threads)  # this thread's: the plain loop's (capfilt's stages get it as an option)
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="capfilt-bench-") as workdir:  # shards, outputs, unsaved models
@@ -558,34 +598,32 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> int:
         release_memory()
 
     # (c) capfilt, with the plain loop's decoding and an ITM filter that keeps and writes everything.
-    decoding = DecodingSettings(num_beams=args.num_beams, max_length=MAX_LENGTH, min_length=MIN_LENGTH,
-                                repetition_penalty=1.0, prompt=PROMPT)
-    filtering = FilterSettings(itm=True, itc=False, itm_threshold=0.0, mode=FilterMode.annotate,
-                               text_max_tokens=ITM_TOKENS)
+    decoding = {"num_beams": args.num_beams, "num_captions": 1, "max_length": MAX_LENGTH, "min_length": MIN_LENGTH,
+                "repetition_penalty": 1.0, "prompt": PROMPT}
+    filtering = {"keep": ["itm>=0.0"], "mode": FilterMode.annotate}  # ITM alone, as the plain loop
 
-    def config(command: Command, n: int, tag: str) -> RunConfig:
-        return RunConfig(
-            command=command, input=str(shards[n]), output=str(workdir / f"output-{command.value}-{n}-{tag}"),
-            captioner=str(captioner_dir) if command is not Command.filter else None,
-            filter=str(filter_dir) if command is not Command.caption else None,
-            decoding=decoding if command is not Command.filter else None,
-            filtering=filtering if command is not Command.caption else None,
-            device=str(device), dtype=args.dtype, batch_size=args.batch_size, threads=args.threads,
-        )
+    def capfilt_run(command: Command, n: int, tag: str) -> tuple[Run, dict[str, Sample]]:
+        options: dict[str, Any] = {"device": str(device), "dtype": args.dtype, "batch_size": args.batch_size,
+                                   "threads": args.threads}
+        if command in (Command.caption, Command.bootstrap):
+            options.update(captioner=str(captioner_dir), **decoding)
+        if command in (Command.filter, Command.bootstrap):
+            options.update(filter=[str(filter_dir)], **filtering)
+        return run_capfilt(command, shards[n], workdir / f"output-{command.value}-{n}-{tag}", **options)
 
     log("(c) capfilt: warm-up bootstrap")
-    run_capfilt(config(Command.bootstrap, n_small, "warmup"))
+    capfilt_run(Command.bootstrap, n_small, "warmup")
     capfilt_flops = {
         Command.caption: vision + generate,
         Command.filter: vision + itm_padded,
         Command.bootstrap: 2 * vision + generate + 2 * itm_padded,
     }
     outputs: dict[Command, dict[str, Sample]] = {}
-    for command in Command:
+    for command in MODEL_COMMANDS:
         log(f"(c) capfilt {command.value}: {n_small} and {n_large} images")
         reset_peak_memory(device)
-        small, _ = run_capfilt(config(command, n_small, "timed"))
-        large, outputs[command] = run_capfilt(config(command, n_large, "timed"))
+        small, _ = capfilt_run(command, n_small, "timed")
+        large, outputs[command] = capfilt_run(command, n_large, "timed")
         methods.append(Method(f"capfilt {command.value}, {args.dtype}", dtype, small, large, capfilt_flops[command],
                               peak_memory(device), True))
 
@@ -653,9 +691,9 @@ def check_agreement(args: argparse.Namespace, reference: LoopResult, outputs: di
     total = len(reference.captions)
     same = {c: sum(caption(outputs[c].get(k)) == t for k, t in reference.captions.items())
             for c in (Command.caption, Command.bootstrap)}
-    web = {c: worst({k: s.web_itm_score for k, s in outputs[c].items()}, reference.web_itm)
+    web = {c: worst({k: s.web_scores.get("itm") for k, s in outputs[c].items()}, reference.web_itm)
            for c in (Command.filter, Command.bootstrap)}
-    synthetic = worst({k: s.synthetic_captions[0].itm_score if s.synthetic_captions else None
+    synthetic = worst({k: s.synthetic_captions[0].scores.get("itm") if s.synthetic_captions else None
                        for k, s in outputs[Command.bootstrap].items()}, reference.synthetic_itm)
     print(f"\nagreement with the plain loop (fp32, 1 by 1), capfilt in {args.dtype}:")
     print(f"  beam captions identical: caption {same[Command.caption]}/{total}, "
