@@ -114,6 +114,7 @@ def scored_samples() -> list[Sample]:
         web_caption=None,
         metadata={"url": "http://x/8.png"},
         synthetic_captions=[Caption("a blue square", "synthetic", captioner="blip-large", decoding=None)],
+        web_scores={"itm": None, "itc": None},  # no web caption: a run computing itm and itc writes them null
     )
     bare = Sample(key="000000009", image_bytes=JPG, image_ext="jpg", web_caption="plain", metadata={})
     return [scored, synthetic_only, bare]
