@@ -128,6 +128,8 @@ def execute(command: Command, input: str, output: str, quiet: bool, debug: bool,
             with progress:
                 summary = run(input, output, command, observer=progress, **options)
         except KeyboardInterrupt:  # the run cleaned up (temporaries, lock) on its way out
+            if not progress.running:  # while torch imported or the models loaded: nothing was written
+                exit_interrupted()
             exit_interrupted("capfilt: interrupted; the shard in progress was abandoned, finished shards are kept. "
                              "Rerun the same command to resume.")
     console.print(summary_table(summary, progress.samples))

@@ -52,6 +52,7 @@ class RichProgress(Observer):
             transient=False,
         )
         self.samples = 0  # processed by this run, not counting the shards a resumed run skips
+        self.running = False  # the models have loaded and shards are being processed
         self.started = time.perf_counter()
         self._stopped = threading.Event()
 
@@ -64,6 +65,7 @@ class RichProgress(Observer):
 
     def run_started(self, total_shards: int) -> None:
         self.progress.start()  # here, not on entering: the models have loaded and their lines are printed
+        self.running = True
         self.started = time.perf_counter()
         self.shard_task = self.progress.add_task("shards", total=total_shards, rate="")
         self.sample_task = self.progress.add_task("samples", total=None, rate="", eta=True)

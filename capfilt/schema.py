@@ -110,6 +110,12 @@ def synthetic_record(caption: Caption) -> dict[str, Any]:
     }
 
 
+def own_metadata(sample: Sample) -> dict[str, Any]:
+    """The sample's metadata without fields named as capfilt's own (an input field `web_itm_score` that no run
+    wrote): capfilt's fields replace them, so that reading the output back never takes one for a score."""
+    return {name: value for name, value in sample.metadata.items() if not is_capfilt_field(name)}
+
+
 def capfilt_fields(sample: Sample, kept: list[str] | None = None) -> dict[str, Any]:
     """The fields capfilt adds to a sample's JSON (and Parquet columns), with `decoding` as a dict; `kept` is
     `kept_captions(sample)` when the caller has it."""

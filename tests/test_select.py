@@ -3,6 +3,7 @@ model, and the metadata Parquet beside every tar or folder shard holds what the 
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -146,3 +147,24 @@ def test_outputs_of_img2dataset_shards_keep_its_metadata_columns_and_types(tiny_
             for row in rows:
                 assert {name: row[name] for name in IMG2DATASET_METADATA_TYPES} == source[row["key"]]
                 assert 0.0 <= row["web_itm_score"] <= 1.0 or row["web_caption"] is None
+
+
+def test_odd_sidecars_are_written_and_read_back(tiny_models, tmp_path):
+    """A sidecar Parquet cannot store as it is (an empty object) becomes JSON text in the metadata Parquet;
+    an input field named like a score field of capfilt's is replaced by capfilt's own, not read back as one."""
+    (tmp_path / "in").mkdir()
+    with tarfile.open(tmp_path / "in" / "00000.tar", "w") as tar:
+        for key, image, caption, meta in shape_items(4):
+            sidecar = {**meta, "empty": {}, "web_itm_score": "x", "nested": [{}]}
+            members = {"jpg": image, "json": json.dumps(sidecar).encode(), **({"txt": caption.encode()} if caption else {})}
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    summary = capfilt.run(str(tmp_path / "in"), str(tmp_path / "out"), "filter", filter=[tiny_models[1]],
+                          scores="itc", mode="annotate", batch_size=4, device="cpu", dtype="fp32")
+    assert summary.rejected == 1 and summary.written == 3  # the image without any caption
+    rows = pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()
+    assert [row["empty"] for row in rows] == ["{}"] * 3 and [row["nested"] for row in rows] == ["[{}]"] * 3
+    samples = _read(tmp_path / "out")
+    assert len(samples) == 3 and all(isinstance(s.web_scores["itm"], float) for s in samples)

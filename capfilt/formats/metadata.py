@@ -23,7 +23,7 @@ from fsspec import AbstractFileSystem
 
 from capfilt.formats.base import ShardWriter, temporary_path
 from capfilt.sample import Sample
-from capfilt.schema import arrow_fields, arrow_values, is_capfilt_field, score_names
+from capfilt.schema import arrow_fields, arrow_values, is_capfilt_field, own_metadata, score_names
 
 
 def metadata_path(output_dir: str, shard_name: str) -> str:
@@ -58,7 +58,7 @@ class MetadataShardWriter(ShardWriter):
         self._shard_writer.write(sample)
         if self._scores is None:  # every sample of a run has the same scores
             self._scores = score_names(sample)
-        row = dict(sample.metadata)
+        row = own_metadata(sample)
         row.setdefault("key", sample.key)
         row.setdefault("caption", sample.web_caption)
         self._rows.append(row | arrow_values(sample, self._scores))
@@ -108,6 +108,17 @@ def _column(values: list[Any], input_type: pa.DataType | None) -> pa.Array:
     if all(value is None for value in values):
         return pa.array(values, type=pa.string())
     with contextlib.suppress(pa.ArrowException, TypeError, ValueError, OverflowError):
-        return pa.array(values)
+        array = pa.array(values)
+        if _parquet_writable(array.type):
+            return array
     return pa.array([None if value is None else json.dumps(value, ensure_ascii=False, default=str)
                      for value in values], type=pa.string())
+
+
+def _parquet_writable(arrow_type: pa.DataType) -> bool:
+    """Whether Parquet can store the type: not a struct without fields (`{}`), nor a null inside a nest."""
+    if pa.types.is_struct(arrow_type):
+        return arrow_type.num_fields > 0 and all(_parquet_writable(field.type) for field in arrow_type)
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return not pa.types.is_null(arrow_type.value_type) and _parquet_writable(arrow_type.value_type)
+    return True
