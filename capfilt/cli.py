@@ -10,9 +10,9 @@ import os
 import sys
 
 try:  # a Ctrl-C while the command line itself loads is an interrupt like any other: one line, exit 130
+    import inspect
     import logging
     import traceback
-    import inspect
     from collections.abc import Callable, Iterator
     from contextlib import contextmanager
     from typing import Annotated, Any, NoReturn

@@ -35,8 +35,8 @@ from capfilt.models.blip_decoding import BlipDecoder
 from capfilt.models.fast_attention import PairImageCache, cache_argument, use_library_attention, use_sdpa
 from capfilt.models.fast_paths import checked, close, failure, probe_picture, same_tokens
 from capfilt.models.loading import load_pretrained
-from capfilt.models.registry import register_captioner, register_filter
 from capfilt.models.preprocess import Preprocess, choose_preprocess, processor_preprocess
+from capfilt.models.registry import register_captioner, register_filter
 from capfilt.models.sampling import KeyedGumbelNoise, sample_seed
 from capfilt.scores import Score
 
