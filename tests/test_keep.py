@@ -118,3 +118,19 @@ def test_the_cli_refuses_bad_rules_in_one_line_before_any_model_loads(tiny_model
         assert message in lines[0], lines[0]
         assert "loading the filter" not in result.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_every_shipped_preset_is_a_valid_recipe():
+    from capfilt.models.blip import BlipFilter
+    from capfilt.models.clip import ClipFilter
+    from capfilt.presets import available_presets, load_preset
+
+    assert {"blip-large", "blip-base", "laion-clip", "laion-coco", "demo"} <= set(available_presets())
+    for name in available_presets():
+        preset = load_preset(name)
+        rules = KeepRules.parse(preset.keep, preset.keep_best)
+        family = ClipFilter if any("clip" in model for model in preset.filters) else BlipFilter
+        rules.check({score.name: score for score in family.scores}, f"{name}'s filter computes")
+    coco = load_preset("laion-coco")
+    assert (coco.num_captions, coco.keep_best, coco.filters) == (40, 1, ("openai/clip-vit-large-patch14",))
+    assert load_preset("laion-clip").keep == ("clip>=0.28",) and load_preset("laion-clip").captioner is None
