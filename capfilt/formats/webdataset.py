@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
-import io
 import json
 import posixpath
 import re
@@ -26,6 +25,7 @@ from fsspec import AbstractFileSystem
 from capfilt.errors import ShardReadError
 from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, restore_fields, temporary_path
 from capfilt.formats.metadata import MetadataShardWriter, metadata_path
+from capfilt.formats.tar_io import TarMemberWriter, iter_members
 from capfilt.sample import Reject, Sample
 from capfilt.schema import capfilt_fields, kept_captions, own_metadata, primary_caption
 
@@ -140,22 +140,17 @@ class WebDatasetFormat(Format):
         whose extension the current group already has starts a new sample of the same key."""
         key, group = "", dict[str, bytes]()
         try:
-            with fs.open(shard.path, "rb") as file, tarfile.open(fileobj=file, mode="r|*") as tar:
-                for member in tar:
-                    parts = split_member_name(member.name) if member.isfile() else None
+            with fs.open(shard.path, "rb") as file:
+                for name, data in iter_members(file):  # raises on a cut or corrupt tar, as tarfile does
+                    parts = split_member_name(name)
                     if parts is None:
                         continue
                     member_key, ext = parts
-                    stream = tar.extractfile(member)
-                    data = stream.read() if stream is not None else b""
                     if member_key != key or ext in group:
                         if group:
                             yield sample_from_members(key, group, caption_column, image_column)
                         key, group = member_key, {}
                     group[ext] = data
-                # tarfile ends silently at a cut header; a whole tar ends with a zero block it has read.
-                if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:
-                    raise tarfile.ReadError("the tar ends without its end-of-archive block (truncated)")
         except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
             if group:
                 yield Reject(key, "truncated_shard", "the shard ends or breaks inside this sample")
@@ -177,20 +172,19 @@ class WebDatasetFormat(Format):
 class TarShardWriter(ShardWriter):
     """Writes `NAME.tar.<unique>.tmp` member by member and renames it to `NAME.tar` on commit.
 
-    Members carry fixed metadata (mtime 0, mode 0644, no owner), so the same samples give the same bytes.
+    Members carry fixed metadata (mtime 0, mode 0644, no owner), so the same samples give the same bytes: those
+    tarfile writes (`capfilt.formats.tar_io`, without its per-member overhead).
     """
 
     def __init__(self, fs: AbstractFileSystem, path: str) -> None:
         self._fs, self._path, self._tmp = fs, path, temporary_path(path)
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         self._file = fs.open(self._tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        self._tar = TarMemberWriter(self._file)
 
     def write(self, sample: Sample) -> None:
         for ext, data in sample_members(sample):
-            info = tarfile.TarInfo(f"{sample.key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            self._tar.addfile(info, io.BytesIO(data))
+            self._tar.write(f"{sample.key}.{ext}", data)
 
     def commit(self) -> None:
         self._tar.close()
@@ -198,7 +192,7 @@ class TarShardWriter(ShardWriter):
         self._fs.mv(self._tmp, self._path)
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError, tarfile.TarError):  # the partial shard is discarded anyway
+        with contextlib.suppress(OSError):  # the partial shard is discarded anyway
             self._tar.close()
         with contextlib.suppress(OSError):
             self._file.close()
