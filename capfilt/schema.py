@@ -28,6 +28,7 @@ SYNTHETIC = "synthetic_captions"
 KEPT = "kept_captions"
 # Parquet only: what `.txt` holds in the other formats, beside the input's caption column kept as it came.
 PRIMARY = "primary_caption"
+_FIXED_FIELDS = frozenset((WEB_CAPTION, WEB_KEPT, SYNTHETIC, KEPT, PRIMARY))
 _WEB_SCORE = re.compile(r"web_([A-Za-z][A-Za-z0-9_]*)_score")
 _SCORE = re.compile(r"([A-Za-z][A-Za-z0-9_]*)_score")
 
@@ -50,7 +51,7 @@ def score_names(sample: Sample) -> list[str]:
 
 def is_capfilt_field(name: str) -> bool:
     """Whether a JSON field or column is one capfilt writes (rewritten on output, never kept as metadata)."""
-    return name in (WEB_CAPTION, WEB_KEPT, SYNTHETIC, KEPT, PRIMARY) or _WEB_SCORE.fullmatch(name) is not None
+    return name in _FIXED_FIELDS or (name.endswith("_score") and _WEB_SCORE.fullmatch(name) is not None)
 
 
 def synthetic_type(scores: list[str]) -> pa.DataType:
@@ -156,7 +157,7 @@ def restore_capfilt_fields(sample: Sample) -> None:
     sample.web_caption = meta.get(WEB_CAPTION, sample.web_caption)
     sample.web_kept = meta.get(WEB_KEPT)
     for field, value in meta.items():
-        match = _WEB_SCORE.fullmatch(field)
+        match = _WEB_SCORE.fullmatch(field) if field.endswith("_score") else None
         if match and (value is not None or sample.web_caption is None):
             sample.web_scores[match.group(1)] = value
     for record in meta.get(SYNTHETIC) or []:
@@ -165,7 +166,7 @@ def restore_capfilt_fields(sample: Sample) -> None:
             decoding = json.loads(decoding)
         scores = {}
         for field, value in record.items():
-            match = _SCORE.fullmatch(field)
+            match = _SCORE.fullmatch(field) if field.endswith("_score") else None
             if match and value is not None:
                 scores[match.group(1)] = value
         sample.synthetic_captions.append(Caption(

@@ -72,11 +72,15 @@ class DecodeStage(Stage):
         return decoded
 
 
+class ModelStage(Stage):
+    """A stage that runs a model: it gets a thread of its own, with its share of the CPU cores."""
+
+
 def stack_pixels(samples: list[Sample], model: ImageModel) -> torch.Tensor:
     return torch.stack([sample.pixels[model.preprocessing] for sample in samples])
 
 
-class CaptionStage(Stage):
+class CaptionStage(ModelStage):
     """Adds `num_captions` synthetic captions to every sample, each distinct text once with its count (sampling
     often gives one text several times), so that the filter scores it once and no loader sees it twice."""
 
@@ -103,7 +107,7 @@ class CaptionStage(Stage):
         return batch
 
 
-class ScoreStage(Stage):
+class ScoreStage(ModelStage):
     """Adds one filter's scores to every caption, web and synthetic, under the names the run gives them
     (`scores`: the family's name of each score computed → the run's `Score`). A text an image has twice (a
     synthetic caption equal to the web caption) is scored once."""

@@ -38,7 +38,7 @@ from capfilt.output import OutputDirectory
 from capfilt.sample import Reject
 from capfilt.schema import capfilt_fields
 from capfilt.scores import run_name
-from capfilt.stages import Batch, CaptionStage, DecodeStage, KeepStage, ScoreStage, Stage
+from capfilt.stages import Batch, CaptionStage, DecodeStage, KeepStage, ModelStage, ScoreStage, Stage
 from capfilt.stats import ShardStats
 from capfilt.threads import decode_worker_threads, model_stage_threads, use_threads
 
@@ -149,14 +149,21 @@ class ShardWorker:
 
     def _steps(self, shard: Shard, stats: ShardStats) -> Iterator[Batch]:
         """The shard's batches through every stage: reading and each model stage in its own thread, working
-        on consecutive batches side by side (see capfilt.background)."""
-        batches = in_background(self._read(shard, stats), f"read-{shard.name}")
+        on consecutive batches side by side (see capfilt.background). The keep rules run where their batch is:
+        Python that holds the GIL gains nothing from a thread, and a run without models (select) reads,
+        judges and writes in one."""
+        batches = self._read(shard, stats)
+        if self.models:
+            batches = in_background(batches, f"read-{shard.name}")
         for stage in self.stages:
-            batches = in_background(self._run_stage(stage, batches, stats), f"{stage.name}-{shard.name}")
+            batches = self._run_stage(stage, batches, stats)
+            if isinstance(stage, ModelStage):
+                batches = in_background(batches, f"{stage.name}-{shard.name}")
         return _failures_marked(batches)
 
     def _run_stage(self, stage: Stage, batches: Iterator[Batch], stats: ShardStats) -> Iterator[Batch]:
-        use_threads(self.stage_threads)  # torch's thread count is per thread: this runs in the stage's own
+        if isinstance(stage, ModelStage):
+            use_threads(self.stage_threads)  # torch's thread count is per thread: this runs in the stage's own
         for batch in batches:
             yield self._process(stage, batch, stats)
 

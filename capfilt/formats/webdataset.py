@@ -32,6 +32,9 @@ from capfilt.schema import capfilt_fields, kept_captions, own_metadata, primary_
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff", "tif")
 
 _MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
+# JSON whose text holds neither a \uDxxx escape nor UTF-8-encoded surrogates (which json.loads lets through)
+# decodes to text without lone surrogates: only other JSON pays for the check that it can be written back.
+_MAY_HOLD_SURROGATES = re.compile(rb"\\[uU][dD]|\xed[\xa0-\xbf]")
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
@@ -71,7 +74,8 @@ def sample_from_members(
     if json_ext is not None:
         try:
             metadata = json.loads(members[json_ext])
-            json.dumps(metadata, ensure_ascii=False).encode("utf-8")  # an escaped lone surrogate cannot be written
+            if _MAY_HOLD_SURROGATES.search(members[json_ext]):  # a lone surrogate cannot be written back
+                json.dumps(metadata, ensure_ascii=False).encode("utf-8")
         except (ValueError, RecursionError) as error:  # RecursionError: nested deeper than Python's stack
             return Reject(key, "bad_json", f".{json_ext}: {error}")
         if not isinstance(metadata, dict):
