@@ -61,7 +61,7 @@ from capfilt import stages
 from capfilt.config import DTYPES, Command, FilterMode
 from capfilt.demo import shapes, tiny_blip
 from capfilt.formats.webdataset import WebDatasetFormat
-from capfilt.models.blip import BlipImageInput
+from capfilt.models.image_input import ProcessorImageInput
 from capfilt.observer import Observer
 from capfilt.sample import Sample
 from capfilt.threads import model_stage_threads
@@ -421,7 +421,7 @@ def instrumented(timers: Timers, written: dict[str, Sample]) -> Iterator[None]:
         (WebDatasetFormat, "read_shard", timed_read),
         (WebDatasetFormat, "open_writer", timed_writer),
         # in the decode workers, one call per distinct preprocessing
-        (BlipImageInput, "preprocess", wrapped(timers, "resize", BlipImageInput.preprocess, sync=False)),
+        (ProcessorImageInput, "preprocess", wrapped(timers, "resize", ProcessorImageInput.preprocess, sync=False)),
         (stages.DecodeStage, "process", wrapped(timers, "decode", stages.DecodeStage.process, sync=False)),
         (stages.CaptionStage, "process", wrapped(timers, "caption", stages.CaptionStage.process)),
         (stages.ScoreStage, "process", wrapped(timers, "filter", stages.ScoreStage.process)),

@@ -14,7 +14,7 @@ from transformers import AutoProcessor, CLIPModel
 import capfilt
 from capfilt.demo.tiny_clip import build_tiny_clip
 from capfilt.models import clip as clip_module
-from capfilt.models.blip import BlipImageInput
+from capfilt.models.image_input import ProcessorImageInput
 from tests import reference
 from tests.test_pipeline import read_output
 
@@ -42,13 +42,13 @@ def test_blip_and_clip_in_one_run_equal_their_plain_calls(tiny_models, tiny_clip
     decoded, preprocessed = [], []
     original_decode = stages.decode_image
     monkeypatch.setattr(stages, "decode_image", lambda data, limit: decoded.append(1) or original_decode(data, limit))
-    original_preprocess = BlipImageInput.preprocess
+    original_preprocess = ProcessorImageInput.preprocess
 
     def counting(self, image):
         preprocessed.append(self.preprocessing)
         return original_preprocess(self, image)
 
-    monkeypatch.setattr(BlipImageInput, "preprocess", counting)
+    monkeypatch.setattr(ProcessorImageInput, "preprocess", counting)
     summary = capfilt.run(str(shapes_dataset), str(tmp_path / "out"), "filter",
                           filter=[tiny_models[1], tiny_clips[0]], keep=["itm>=0.0", "clip>=0.0"], mode="annotate",
                           batch_size=4, device="cpu", dtype="fp32")

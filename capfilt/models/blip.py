@@ -9,75 +9,34 @@ image's cross-attention keys and values once for all of its beams.
 
 from __future__ import annotations
 
-import functools
-import json
 from collections.abc import Collection
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-import transformers
-from PIL import Image
 from transformers import (
     AutoProcessor,
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
-    BlipProcessor,
     LogitsProcessorList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
-from capfilt.errors import ModelLoadError, one_line
-from capfilt.models.base import Captioner, DecodingSettings, Filter, ImageModel
+from capfilt.models.base import Captioner, DecodingSettings, Filter
 from capfilt.models.blip_decoding import BlipDecoder
 from capfilt.models.fast_attention import PairImageCache, cache_argument, use_library_attention, use_sdpa
-from capfilt.models.fast_paths import checked, close, failure, probe_picture, same_tokens
+from capfilt.models.fast_paths import checked, close, failure, same_tokens
+from capfilt.models.image_input import ProcessorImageInput
 from capfilt.models.loading import load_pretrained
-from capfilt.models.preprocess import Preprocess, choose_preprocess, processor_preprocess
 from capfilt.models.registry import register_captioner, register_filter
 from capfilt.models.sampling import KeyedGumbelNoise, sample_seed
 from capfilt.scores import Score
 
 
-class BlipImageInput(ImageModel):
-    """Preprocessing as the checkpoint's own image processor does it, one image at a time (in the decode
-    workers); through capfilt's exact table-driven path where it covers the processor's settings."""
-
-    role: str
-    processor: BlipProcessor
-    device: torch.device
-    dtype: torch.dtype
-
-    @functools.cached_property
-    def preprocessing(self) -> str:
-        return json.dumps(self.processor.image_processor.to_dict(), sort_keys=True, default=str)
-
-    @functools.cached_property
-    def _preprocess(self) -> Preprocess:
-        return choose_preprocess(self.processor.image_processor, self.role, self.model_id)
-
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self._preprocess(image)
-
-    def to_device(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":  # pinned, so that the copy overlaps work already queued on the GPU
-            pixels = pixels.pin_memory()
-        return pixels.to(self.device, non_blocking=True).to(self.dtype)
-
-    def probe_pixels(self) -> torch.Tensor:
-        """The probe picture as the library's processor prepares it, a batch of one, on the CPU."""
-        return processor_preprocess(self.processor.image_processor)(probe_picture())[None]
-
-    def unusable(self, error: Exception) -> ModelLoadError:
-        """The library's own path failed on the probe: nothing capfilt can fall back to."""
-        return ModelLoadError(f"the {self.role} {self.model_id} fails on a probe picture with transformers "
-                              f"{transformers.__version__}: {one_line(error)}")
-
-
 @register_captioner("blip")
-class BlipCaptioner(BlipImageInput, Captioner):
+class BlipCaptioner(ProcessorImageInput, Captioner):
     role = "captioner"
 
     def __init__(
@@ -248,7 +207,7 @@ def strip_prompt(text: str, prompt: str) -> str:
 
 
 @register_filter("blip")
-class BlipFilter(BlipImageInput, Filter):
+class BlipFilter(ProcessorImageInput, Filter):
     """BLIP's image-text matching head (`itm`, the softmaxed match probability) and its contrastive cosine
     (`itc`), as `BlipForImageTextRetrieval(..., use_itm_head=True/False)` computes them."""
 

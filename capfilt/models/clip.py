@@ -21,8 +21,8 @@ from transformers import AutoConfig, AutoProcessor, CLIPModel
 
 from capfilt.errors import ModelLoadError
 from capfilt.models.base import Filter
-from capfilt.models.blip import BlipImageInput
 from capfilt.models.fast_paths import checked, close
+from capfilt.models.image_input import ProcessorImageInput
 from capfilt.models.loading import load_pretrained
 from capfilt.models.registry import register_filter
 from capfilt.scores import Score
@@ -35,7 +35,7 @@ PROBE_CAPTIONS = [
 
 
 @register_filter("clip")
-class ClipFilter(BlipImageInput, Filter):
+class ClipFilter(ProcessorImageInput, Filter):
     """CLIP's image-text cosine (`clip`), in [-1, 1]; LAION-400M kept pairs at 0.28 and above (ViT-B/32)."""
 
     role = "filter"
