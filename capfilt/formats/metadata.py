@@ -37,7 +37,7 @@ def read_metadata_schema(fs: AbstractFileSystem, path: str) -> pa.Schema | None:
             return None
         with fs.open(path, "rb") as handle:
             schema = pq.read_schema(handle)
-    except (OSError, pa.ArrowException):
+    except (OSError, pa.ArrowException, UnicodeDecodeError):  # no usable metadata: the values' own types then
         return None
     return pa.schema([field for field in schema if not is_capfilt_field(field.name)])
 

@@ -38,7 +38,7 @@ from capfilt.errors import ShardReadError
 from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, restore_fields, temporary_path
 from capfilt.formats.webdataset import IMAGE_EXTS, json_bytes, list_named
 from capfilt.sample import Reject, Sample
-from capfilt.schema import arrow_fields, arrow_values, is_capfilt_field, score_names
+from capfilt.schema import arrow_fields, arrow_values, is_capfilt_field, own_metadata, score_names
 
 IMAGE_COLUMNS = ("jpg", "png", "webp", "image")
 CAPTION_COLUMNS = ("caption", "text", "txt")
@@ -79,7 +79,7 @@ class ParquetFormat(Format):
         try:
             with fs.open(shard.path, "rb") as file:
                 schema = pq.ParquetFile(file).schema_arrow
-        except (pa.ArrowException, OSError) as error:
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as error:  # a corrupt footer's names may not be text
             raise ShardReadError(f"cannot read {shard.path} as Parquet: {error}") from error
         return layout_of(schema, shard.path, caption_column, image_column)
 
@@ -94,7 +94,7 @@ class ParquetFormat(Format):
         try:
             with fs.open(shard.path, "rb") as file:
                 return pq.ParquetFile(file).metadata.num_rows
-        except (pa.ArrowException, OSError):
+        except (pa.ArrowException, OSError, UnicodeDecodeError):
             return None
 
     def read_samples(
@@ -111,7 +111,7 @@ class ParquetFormat(Format):
                         for row in batch.to_pylist():
                             yield sample_from_row(row, index, layout)
                             index += 1
-        except (pa.ArrowException, OSError) as error:
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as error:
             raise ShardReadError(f"cannot read {shard.path} as Parquet: {error}") from error
 
     def open_writer(
@@ -352,7 +352,7 @@ def _row(sample: Sample, layout: TableLayout, scores: list[str]) -> dict[str, An
     if layout.caption_column:
         row[layout.caption_column] = _caption_value(sample.web_caption, schema.field(layout.caption_column).type)
     if layout.json_column:
-        rest = {name: value for name, value in sample.metadata.items() if name not in plain}
+        rest = {name: value for name, value in own_metadata(sample).items() if name not in plain}
         row[layout.json_column] = json_bytes(rest).decode("utf-8")
     if layout.extra_members_column:
         members = [{"ext": ext, "data": data} for ext, data in sample.extra_members.items()]
