@@ -98,6 +98,15 @@ def test_every_output_loads_with_hugging_face_datasets(tiny_models, tmp_path, ru
         sidecars = load("json", out, cache, "*/*.json")
         assert sorted(map(str, sidecars["web_caption"])) == sorted(str(sample.web_caption) for sample in written)
         assert all(sidecars["kept_captions"])
+    if output_format != "parquet":  # the metadata Parquet beside each tar or folder: one row per written sample
+        metadata = load("parquet", out, cache / "metadata", "*.parquet")
+        assert sorted(metadata["key"]) == sorted(sample.key for sample in written)
+        assert all(kept and kept[0] == primary for kept, primary in zip(metadata["kept_captions"],
+                                                                         metadata["primary_caption"]))
+        by_key = {sample.key: sample for sample in written}
+        for row in metadata:
+            for name, value in by_key[row["key"]].web_scores.items():
+                assert row[f"web_{name}_score"] == value
     if filtering is NOTHING_PASSES:  # the verdicts say so, yet every caption is listed: nothing was dropped
         assert all(not c.kept for s in written for c in s.captions())
 
