@@ -170,8 +170,9 @@ class FilterLoss(torch.nn.Module):
             matches = torch.eye(len(input_ids), dtype=torch.bool, device=sim_i2t.device)
         else:
             matches = image_ids[:, None] == image_ids[None, :]
-        # BLIP's targets mix these hard targets with a momentum encoder's predictions (distillation); without
-        # a momentum encoder, the hard targets alone: every match of a row shares its probability.
+        # BLIP mixes these hard targets with a momentum encoder's predictions (distillation) and also contrasts
+        # with a queue of past momentum features; without a momentum encoder, the in-batch texts and images and
+        # the hard targets alone (BLIP's `pos_idx / pos_idx.sum(1)`): every match of a row shares its probability.
         targets = matches.float() / matches.sum(dim=1, keepdim=True)
         itc = (
             -(F.log_softmax(sim_i2t, dim=1) * targets).sum(1).mean()
