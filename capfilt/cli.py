@@ -222,6 +222,62 @@ def summary(
         _fail(f"{len(merged.failed_shards)} shard(s) failed: {', '.join(merged.failed_shards)} (see the summary)")
 
 
+finetune_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                           help="Fine-tune a BLIP captioner or filter on human-annotated pairs (BLIP's recipe), "
+                           "resumable.")
+app.add_typer(finetune_app, name="finetune")
+
+
+def finetune_command(role: str) -> Callable[..., None]:
+    """`capfilt finetune ROLE DATA OUT`: the options, handed to `capfilt.finetune.finetune`."""
+
+    def command(
+        data: Annotated[str, typer.Argument(help="Training pairs: any input capfilt reads; the web caption is the "
+                                                 "human caption.")],
+        out: Annotated[str, typer.Argument(help="Folder for the model, its processor, the record (finetune.json) "
+                                                "and the checkpoints; rerun the same command to resume.")],
+        model: Annotated[str | None, typer.Option("--from", help="The BLIP captioner or filter to fine-tune.",
+                                                  show_default="the preset's")] = None,
+        preset: Annotated[str | None, typer.Option("--preset", help="Take the preset's captioner or first "
+                                                   "filter (and its prompt).",
+                                                   show_default="none")] = None,
+        epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs (BLIP: 5 captioner, 6 filter).",
+                                                   show_default="BLIP's")] = None,
+        lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate, cosine decay (BLIP's by size: "
+                                                 "ViT-B 1e-5, ViT-L 2e-6 captioner / 5e-6 filter).",
+                                                 show_default="BLIP's")] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per step per device.")] = 32,
+        grad_accum: Annotated[int, typer.Option("--grad-accum", help="Steps whose gradients add up to one update.")] = 1,
+        eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Pairs held out for a loss after each "
+                                                     "epoch.")] = 0.0,
+        seed: Annotated[int, typer.Option("--seed", help="Seed of the data order, dropout and the split.")] = 42,
+        device: Annotated[str | None, typer.Option("--device", help="cpu or cuda.", show_default="cuda if any")] = None,
+        dtype: Annotated[str, typer.Option("--dtype", help="float32, or bfloat16/float16 mixed precision.")] = "float32",
+        save_steps: Annotated[int, typer.Option("--save-steps", help="Updates between checkpoints.")] = 500,
+        storage_options: StorageOptions = None,
+        quiet: Quiet = False,
+        debug: Debug = False,
+    ) -> None:
+        console = Console(stderr=True, quiet=quiet)
+        configure_logging(console, quiet, debug)
+        with reported_errors(debug):
+            from capfilt.finetune import finetune
+
+            try:
+                finetune(role, data, out, model=model, preset=preset, epochs=epochs, lr=lr, batch_size=batch_size,
+                         grad_accum=grad_accum, eval_fraction=eval_fraction, seed=seed, device=device, dtype=dtype,
+                         save_steps=save_steps, storage_options=parse_storage_options(storage_options), quiet=quiet)
+            except KeyboardInterrupt:
+                exit_interrupted("capfilt: interrupted; rerun the same command to continue from the last checkpoint.")
+
+    command.__doc__ = f"Fine-tune a BLIP {role} on DATA into OUT (AdamW, weight decay 0.05, cosine schedule)."
+    return command
+
+
+finetune_app.command("captioner")(finetune_command("captioner"))
+finetune_app.command("filter")(finetune_command("filter"))
+
+
 @app.command()
 def presets() -> None:
     """List the model presets; --preset takes the one marked default when not given."""

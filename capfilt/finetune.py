@@ -1,0 +1,432 @@
+"""Fine-tune a BLIP captioner or filter on human-annotated pairs, as BLIP does before CapFilt.
+
+`capfilt finetune captioner|filter DATA OUT --from MODEL` reads DATA with capfilt's own readers and decoder
+(an undecodable image or a pair without caption is skipped and counted), trains with transformers' `Trainer`
+on BLIP's losses (`capfilt.models.blip_training`) and BLIP's recipe (AdamW, weight decay 0.05, cosine
+schedule, the learning rate and epochs of the paper for the model's size), and writes into OUT:
+
+- the model and its processor (`save_pretrained`), loadable with `from_pretrained` and capfilt's loaders;
+- `finetune.json`, the record of the training: its settings, per-epoch losses, counts of skipped samples;
+- `checkpoints/`, the Trainer's checkpoints (weights, optimizer, scheduler, RNG state, position in the
+  data), from which the same command, killed at any moment, continues.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capfilt.errors import ConfigError, DecodeError
+
+RECORD_NAME = "finetune.json"
+CHECKPOINTS = "checkpoints"
+ROLES = ("captioner", "filter")
+DEFAULT_PROMPT = "a picture of "
+# BLIP tokenizes captions for the decoder with at most 40 tokens (blip_decoder), for ITC/ITM with 35.
+CAPTIONER_MAX_TOKENS = 40
+FILTER_MAX_TOKENS = 35
+WEIGHT_DECAY = 0.05
+# The temperature of the filter's ITC loss, trained with the model and dropped when it is saved.
+TEMPERATURE_NAME = "capfilt_itc_temperature"
+DTYPES = ("float32", "bfloat16", "float16")
+# BLIP's fine-tuning recipe (configs/caption_coco.yaml, configs/retrieval_coco.yaml): (lr, epochs) by size.
+RECIPE = {
+    ("captioner", "base"): (1e-5, 5),
+    ("captioner", "large"): (2e-6, 5),
+    ("filter", "base"): (1e-5, 6),
+    ("filter", "large"): (5e-6, 6),
+}
+LARGE_VISION_HIDDEN = 1024  # ViT-L's width; ViT-B's is 768
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """What decides the training's result; OUT's record holds them, and a rerun must give the same."""
+
+    role: str
+    data: str
+    model: str
+    epochs: int
+    lr: float
+    batch_size: int
+    grad_accum: int
+    eval_fraction: float
+    seed: int
+    dtype: str
+    weight_decay: float = WEIGHT_DECAY
+    prompt: str = DEFAULT_PROMPT
+    max_tokens: int = CAPTIONER_MAX_TOKENS
+    save_steps: int = 500
+
+
+@dataclass
+class Pairs:
+    """The usable (image bytes, caption) pairs of a dataset, and what was skipped, by reason."""
+
+    keys: list[str] = field(default_factory=list)
+    images: list[bytes] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+
+
+def read_pairs(data: str, storage_options: dict[str, Any] | None = None) -> Pairs:
+    """Every sample of `data` whose image decodes and which has a caption; the others counted by reason."""
+    from capfilt.decode import DEFAULT_MAX_PIXELS, decode_image
+    from capfilt.paths import resolve_input
+    from capfilt.sample import Reject
+
+    fs, fmt, shards = resolve_input(data, None, storage_options)
+    pairs = Pairs()
+    for shard in shards:
+        for item in fmt.read_shard(fs, shard, None):
+            if isinstance(item, Reject):
+                pairs.skipped[item.reason] += 1
+                continue
+            if item.web_caption is None or not item.web_caption.strip():
+                pairs.skipped["no_caption"] += 1
+                continue
+            try:
+                decode_image(item.image_bytes or b"", DEFAULT_MAX_PIXELS)
+            except DecodeError as error:
+                pairs.skipped[error.reason] += 1
+                continue
+            pairs.keys.append(item.key)
+            pairs.images.append(item.image_bytes or b"")
+            pairs.captions.append(item.web_caption.strip())
+    return pairs
+
+
+def recipe(role: str, vision_hidden_size: int) -> tuple[float, int]:
+    """BLIP's learning rate and epochs for the role, scaled to the model's size (ViT-L from 1024 wide)."""
+    return RECIPE[(role, "large" if vision_hidden_size >= LARGE_VISION_HIDDEN else "base")]
+
+
+def check_model(role: str, model: str) -> Any:
+    """The checkpoint's config, or a one-line refusal of a family or architecture without training support."""
+    from transformers import AutoConfig
+
+    from capfilt.models.loading import load_pretrained
+
+    config = load_pretrained(AutoConfig, model, role)
+    if config.model_type != "blip":
+        raise ConfigError(f"cannot fine-tune {model}: it is a '{config.model_type}' model; fine-tuning supports "
+                          "BLIP captioners and filters")
+    wanted = "BlipForConditionalGeneration" if role == "captioner" else "BlipForImageTextRetrieval"
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and wanted not in architectures:
+        raise ConfigError(f"cannot fine-tune {model} as the {role}: it is a {', '.join(architectures)}, "
+                          f"the {role} is a {wanted}")
+    return config
+
+
+def resolve_model(role: str, model: str | None, preset: str | None) -> tuple[str, str]:
+    """The model to train and the captioner's prompt: --from, else the preset's captioner or first filter."""
+    prompt = DEFAULT_PROMPT
+    if preset is not None:
+        from capfilt.presets import load_preset
+
+        found = load_preset(preset)
+        prompt = found.prompt
+        if model is None:
+            named = found.captioner if role == "captioner" else (found.filters[0] if found.filters else None)
+            if named is None:
+                raise ConfigError(f"the preset '{preset}' names no {role}; give the model with --from")
+            model = named.rpartition("=")[2]
+    if model is None:
+        raise ConfigError("name the model to fine-tune with --from MODEL (or --preset NAME)")
+    return model, prompt
+
+
+def read_record(out: Path) -> dict[str, Any] | None:
+    path = out / RECORD_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path} is not a fine-tuning record ({error}); give another OUT") from error
+
+
+def check_out(out: Path, settings: FinetuneSettings) -> dict[str, Any] | None:
+    """OUT's record when it holds this very training (to resume); a refusal when it holds another one, or
+    anything else; None when it is new or empty."""
+    record = read_record(out)
+    if record is None:
+        if out.is_file():
+            raise ConfigError(f"OUT {out} is a file; give a folder")
+        if out.is_dir() and any(out.iterdir()):
+            raise ConfigError(f"OUT {out} is not empty and holds no fine-tuning record ({RECORD_NAME}); "
+                              "give a new or empty folder")
+        return None
+    theirs = record.get("settings", {})
+    ours = asdict(settings)
+    different = sorted(name for name in set(ours) | set(theirs) if ours.get(name) != theirs.get(name))
+    if different:
+        shown = ", ".join(f"{name} {theirs.get(name)!r} there, {ours.get(name)!r} now" for name in different[:3])
+        raise ConfigError(f"OUT {out} holds another training (different {shown}); give another OUT, or the same "
+                          "settings to resume it")
+    return record
+
+
+def last_checkpoint(directory: Path) -> str | None:
+    """The newest complete checkpoint: the Trainer writes its trainer_state.json last."""
+    found = []
+    if directory.is_dir():
+        for child in directory.iterdir():
+            step = child.name.removeprefix("checkpoint-")
+            if child.name.startswith("checkpoint-") and step.isdigit() and (child / "trainer_state.json").is_file():
+                found.append((int(step), child))
+    return str(max(found)[1]) if found else None
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Written whole or not at all: a kill never leaves half a record."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def epoch_losses(log_history: list[dict[str, Any]], key: str) -> list[float]:
+    """The mean of the per-step `key` values logged in each epoch, in epoch order."""
+    by_epoch: dict[int, list[float]] = {}
+    for entry in log_history:
+        if key in entry and "epoch" in entry:
+            by_epoch.setdefault(max(math.ceil(entry["epoch"] - 1e-6), 1), []).append(entry[key])
+    return [sum(values) / len(values) for _, values in sorted(by_epoch.items())]
+
+
+class PairDataset:
+    """Pairs as the model's inputs: the image through the checkpoint's image processor, the caption's text."""
+
+    def __init__(self, images: list[bytes], texts: list[str], image_ids: list[int], image_processor) -> None:
+        self.images, self.texts, self.image_ids = images, texts, image_ids
+        self.image_processor = image_processor
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from capfilt.decode import DEFAULT_MAX_PIXELS, decode_image
+
+        image = decode_image(self.images[index], DEFAULT_MAX_PIXELS)
+        pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        return {"pixel_values": pixels, "text": self.texts[index], "image_id": self.image_ids[index]}
+
+
+class Collator:
+    """Stacks the pictures and tokenizes the texts of a batch, padded to its longest."""
+
+    def __init__(self, tokenizer, max_tokens: int) -> None:
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        tokens = self.tokenizer([item["text"] for item in items], padding="longest", truncation=True,
+                                max_length=self.max_tokens, return_tensors="pt")
+        return {
+            "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "image_ids": torch.tensor([item["image_id"] for item in items]),
+        }
+
+
+def image_ids(images: list[bytes]) -> list[int]:
+    """One id per distinct picture: the filter never takes another caption of the same picture as a negative."""
+    first: dict[bytes, int] = {}
+    return [first.setdefault(hashlib.sha256(image).digest(), len(first)) for image in images]
+
+
+def finetune(
+    role: str,
+    data: str,
+    out: str,
+    model: str | None = None,
+    preset: str | None = None,
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int = 32,
+    grad_accum: int = 1,
+    eval_fraction: float = 0.0,
+    seed: int = 42,
+    device: str | None = None,
+    dtype: str = "float32",
+    save_steps: int = 500,
+    storage_options: dict[str, Any] | None = None,
+    quiet: bool = False,
+    callbacks: list | None = None,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Fine-tune `model` as the `role` on `data` into `out`, continuing a training `out` holds; the record.
+
+    Everything that can be refused is checked before any image is read or any weight loads. `callbacks` and
+    `max_steps` are for tests (a run stopped early, as a kill would)."""
+    if role not in ROLES:
+        raise ConfigError(f"unknown role '{role}'; fine-tune a {' or a '.join(ROLES)}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if batch_size < 1 or grad_accum < 1 or save_steps < 1 or (epochs is not None and epochs < 1):
+        raise ConfigError("--batch-size, --grad-accum, --epochs and --save-steps must be at least 1")
+    if lr is not None and not lr > 0:
+        raise ConfigError(f"--lr {lr}: give a positive learning rate")
+    if not 0 <= eval_fraction < 1:
+        raise ConfigError(f"--eval-fraction {eval_fraction}: give a fraction from 0 to below 1")
+    model, prompt = resolve_model(role, model, preset)
+    config = check_model(role, model)
+    default_lr, default_epochs = recipe(role, config.vision_config.hidden_size)
+    settings = FinetuneSettings(
+        role=role, data=data, model=model, epochs=epochs or default_epochs, lr=lr or default_lr,
+        batch_size=batch_size, grad_accum=grad_accum, eval_fraction=eval_fraction, seed=seed, dtype=dtype,
+        prompt=prompt if role == "captioner" else "",
+        max_tokens=CAPTIONER_MAX_TOKENS if role == "captioner" else FILTER_MAX_TOKENS, save_steps=save_steps,
+    )
+    out_dir = Path(out)
+    previous = check_out(out_dir, settings)
+
+    pairs = read_pairs(data, storage_options)
+    skipped = dict(sorted(pairs.skipped.items()))
+    if not pairs.images:
+        raise ConfigError(f"no usable image-caption pairs in {data}"
+                          + (f" ({', '.join(f'{n} {r}' for r, n in skipped.items())} skipped)" if skipped else ""))
+    if not quiet:
+        summary = ", ".join(f"{n} {r}" for r, n in skipped.items()) or "none"
+        print(f"capfilt: {len(pairs.images)} pairs to train on; skipped: {summary}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {
+        "settings": asdict(settings),
+        "status": "training",
+        "pairs": len(pairs.images),
+        "skipped": skipped,
+        **({"started": previous["started"]} if previous and "started" in previous else {}),
+    }
+    write_json(out_dir / RECORD_NAME, record)
+    return _train(settings, pairs, out_dir, record, device, quiet, callbacks, max_steps)
+
+
+def _train(settings: FinetuneSettings, pairs: Pairs, out: Path, record: dict[str, Any], device: str | None,
+           quiet: bool, callbacks: list | None, max_steps: int | None) -> dict[str, Any]:
+    import torch
+    from transformers import (AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval, Trainer,
+                              TrainingArguments)
+    from transformers.utils import logging as transformers_logging
+
+    from capfilt.models.blip_training import FilterLoss, captioner_loss, prompt_length
+    from capfilt.models.loading import load_pretrained
+
+    if quiet:
+        transformers_logging.set_verbosity_error()
+    role = settings.role
+    processor = load_pretrained(AutoProcessor, settings.model, role)
+    cls = BlipForConditionalGeneration if role == "captioner" else BlipForImageTextRetrieval
+    model = load_pretrained(cls, settings.model, role, dtype=torch.float32)
+    filter_loss = None
+    if role == "filter":
+        filter_loss = FilterLoss()
+        # A parameter of the model, so that the Trainer's optimizer, checkpoints and resume all carry it.
+        model.register_parameter(TEMPERATURE_NAME, filter_loss.temp)
+
+    texts = [settings.prompt + caption for caption in pairs.captions] if role == "captioner" else pairs.captions
+    ids = image_ids(pairs.images)
+    order = list(range(len(pairs.images)))
+    evaluated = round(len(order) * settings.eval_fraction)
+    random.Random(settings.seed).shuffle(order)
+    eval_rows, train_rows = sorted(order[:evaluated]), sorted(order[evaluated:])
+    if not train_rows:
+        raise ConfigError("--eval-fraction leaves no pair to train on")
+
+    def subset(rows: list[int]) -> PairDataset:
+        return PairDataset([pairs.images[i] for i in rows], [texts[i] for i in rows], [ids[i] for i in rows],
+                           processor.image_processor)
+
+    prompt_tokens = prompt_length(processor.tokenizer, settings.prompt) if role == "captioner" else 0
+
+    class FinetuneTrainer(Trainer):
+        """BLIP's losses in place of the model's own: the captioner's LM loss, the filter's ITC + ITM."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if filter_loss is None:
+                loss = captioner_loss(model, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"],
+                                      prompt_tokens)
+            else:
+                loss = filter_loss(model, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"],
+                                   image_ids=inputs["image_ids"]).total
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    args = TrainingArguments(
+        output_dir=str(out / CHECKPOINTS),
+        num_train_epochs=settings.epochs,
+        max_steps=max_steps if max_steps is not None else -1,
+        learning_rate=settings.lr,
+        weight_decay=settings.weight_decay,
+        lr_scheduler_type="cosine",
+        optim="adamw_torch",
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        seed=settings.seed,
+        bf16=settings.dtype == "bfloat16",
+        fp16=settings.dtype == "float16",
+        use_cpu=on_cpu,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=1,
+        logging_strategy="steps",
+        logging_steps=1,
+        eval_strategy="epoch" if eval_rows else "no",
+        prediction_loss_only=True,
+        label_names=["input_ids"],
+        remove_unused_columns=False,
+        report_to="none",
+        disable_tqdm=quiet,
+        dataloader_num_workers=0,
+    )
+    trainer = FinetuneTrainer(
+        model=model,
+        args=args,
+        train_dataset=subset(train_rows),
+        eval_dataset=subset(eval_rows) if eval_rows else None,
+        data_collator=Collator(processor.tokenizer, settings.max_tokens),
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+    if quiet:
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+    if device not in (None, "cpu") and str(trainer.args.device) != device and not device.startswith(
+            str(trainer.args.device)):
+        raise ConfigError(f"--device {device}: the Trainer runs on {trainer.args.device}")
+    resume = last_checkpoint(out / CHECKPOINTS)
+    if resume and not quiet:
+        print(f"capfilt: resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
+
+    if filter_loss is not None:
+        record["temperature"] = float(filter_loss.temp.detach())
+        del model._parameters[TEMPERATURE_NAME]
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    history = trainer.state.log_history
+    record.update(
+        status="done" if max_steps is None else "stopped",
+        steps=trainer.state.global_step,
+        train_loss=epoch_losses(history, "loss"),
+        eval_loss=[entry["eval_loss"] for entry in history if "eval_loss" in entry],
+        train_pairs=len(train_rows),
+        eval_pairs=len(eval_rows),
+    )
+    write_json(out / RECORD_NAME, record)
+    if not quiet:
+        losses = ", ".join(f"{loss:.4f}" for loss in record["train_loss"])
+        print(f"capfilt: fine-tuned {role} saved to {out}; loss per epoch: {losses}")
+    return record
