@@ -167,7 +167,9 @@ def check_out(out: Path, settings: FinetuneSettings) -> dict[str, Any] | None:
         return None
     theirs = record.get("settings", {})
     ours = asdict(settings)
-    different = sorted(name for name in set(ours) | set(theirs) if ours.get(name) != theirs.get(name))
+    # How often it checkpoints changes nothing of the result: a rerun may change it.
+    different = sorted(name for name in set(ours) | set(theirs)
+                       if name != "save_steps" and ours.get(name) != theirs.get(name))
     if different:
         shown = ", ".join(f"{name} {theirs.get(name)!r} there, {ours.get(name)!r} now" for name in different[:3])
         raise ConfigError(f"OUT {out} holds another training (different {shown}); give another OUT, or the same "
@@ -263,12 +265,11 @@ def finetune(
     storage_options: dict[str, Any] | None = None,
     quiet: bool = False,
     callbacks: list | None = None,
-    max_steps: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `model` as the `role` on `data` into `out`, continuing a training `out` holds; the record.
 
-    Everything that can be refused is checked before any image is read or any weight loads. `callbacks` and
-    `max_steps` are for tests (a run stopped early, as a kill would)."""
+    Everything that can be refused is checked before any image is read or any weight loads. `callbacks` go to
+    the Trainer (tests kill a run with one)."""
     if role not in ROLES:
         raise ConfigError(f"unknown role '{role}'; fine-tune a {' or a '.join(ROLES)}")
     if dtype not in DTYPES:
@@ -279,6 +280,7 @@ def finetune(
         raise ConfigError(f"--lr {lr}: give a positive learning rate")
     if not 0 <= eval_fraction < 1:
         raise ConfigError(f"--eval-fraction {eval_fraction}: give a fraction from 0 to below 1")
+    on_cpu = _on_cpu(device, dtype)
     model, prompt = resolve_model(role, model, preset)
     config = check_model(role, model)
     default_lr, default_epochs = recipe(role, config.vision_config.hidden_size)
@@ -308,11 +310,25 @@ def finetune(
         **({"started": previous["started"]} if previous and "started" in previous else {}),
     }
     write_json(out_dir / RECORD_NAME, record)
-    return _train(settings, pairs, out_dir, record, device, quiet, callbacks, max_steps)
+    return _train(settings, pairs, out_dir, record, on_cpu, quiet, callbacks)
 
 
-def _train(settings: FinetuneSettings, pairs: Pairs, out: Path, record: dict[str, Any], device: str | None,
-           quiet: bool, callbacks: list | None, max_steps: int | None) -> dict[str, Any]:
+def _on_cpu(device: str | None, dtype: str) -> bool:
+    """Whether the Trainer runs on the CPU (it takes the GPU when there is one): refused when it cannot."""
+    import torch
+
+    if device not in (None, "cpu", "cuda"):
+        raise ConfigError(f"--device {device}: give cpu or cuda (pick the GPUs with CUDA_VISIBLE_DEVICES)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available")
+    on_cpu = device == "cpu" or not torch.cuda.is_available()
+    if on_cpu and dtype == "float16":
+        raise ConfigError("--dtype float16 needs a GPU; on the CPU use float32 or bfloat16")
+    return on_cpu
+
+
+def _train(settings: FinetuneSettings, pairs: Pairs, out: Path, record: dict[str, Any], on_cpu: bool,
+           quiet: bool, callbacks: list | None) -> dict[str, Any]:
     import torch
     from transformers import (AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval, Trainer,
                               TrainingArguments)
@@ -360,11 +376,9 @@ def _train(settings: FinetuneSettings, pairs: Pairs, out: Path, record: dict[str
                                    image_ids=inputs["image_ids"]).total
             return (loss, {"loss": loss}) if return_outputs else loss
 
-    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     args = TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
         num_train_epochs=settings.epochs,
-        max_steps=max_steps if max_steps is not None else -1,
         learning_rate=settings.lr,
         weight_decay=settings.weight_decay,
         lr_scheduler_type="cosine",
@@ -403,9 +417,6 @@ def _train(settings: FinetuneSettings, pairs: Pairs, out: Path, record: dict[str
 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-    if device not in (None, "cpu") and str(trainer.args.device) != device and not device.startswith(
-            str(trainer.args.device)):
-        raise ConfigError(f"--device {device}: the Trainer runs on {trainer.args.device}")
     resume = last_checkpoint(out / CHECKPOINTS)
     if resume and not quiet:
         print(f"capfilt: resuming from {resume}")
@@ -418,7 +429,7 @@ def _train(settings: FinetuneSettings, pairs: Pairs, out: Path, record: dict[str
     processor.save_pretrained(out)
     history = trainer.state.log_history
     record.update(
-        status="done" if max_steps is None else "stopped",
+        status="done",
         steps=trainer.state.global_step,
         train_loss=epoch_losses(history, "loss"),
         eval_loss=[entry["eval_loss"] for entry in history if "eval_loss" in entry],

@@ -168,3 +168,20 @@ def test_cli_help_lists_the_flags():
         for flag in ("--from", "--preset", "--epochs", "--lr", "--batch-size", "--grad-accum", "--eval-fraction",
                      "--seed", "--device", "--dtype"):
             assert flag in shown.stdout, flag
+
+
+def test_preset_gives_its_filter_and_the_device_and_dtype_are_checked(dataset, tmp_path):
+    from capfilt.finetune import resolve_model
+    from capfilt.presets import load_preset
+
+    preset = load_preset("demo")
+    assert resolve_model("filter", None, "demo") == (preset.filters[0], preset.prompt)
+    assert resolve_model("captioner", None, "demo") == (preset.captioner, preset.prompt)
+    assert resolve_model("captioner", "elsewhere", "demo") == ("elsewhere", preset.prompt)
+    with pytest.raises(ConfigError, match="float16 needs a GPU"):
+        finetune("filter", str(dataset), str(tmp_path / "other"), preset="demo", device="cpu", dtype="float16")
+    with pytest.raises(ConfigError, match="give cpu or cuda"):
+        finetune("filter", str(dataset), str(tmp_path / "other"), preset="demo", device="tpu")
+    with pytest.raises(ConfigError, match="names no captioner|--from"):
+        finetune("captioner", str(dataset), str(tmp_path / "other"))
+    assert not (tmp_path / "other").exists()
