@@ -365,7 +365,14 @@ def _train(settings: FinetuneSettings, pairs: Pairs, out: Path, record: dict[str
     prompt_tokens = prompt_length(processor.tokenizer, settings.prompt) if role == "captioner" else 0
 
     class FinetuneTrainer(Trainer):
-        """BLIP's losses in place of the model's own: the captioner's LM loss, the filter's ITC + ITM."""
+        """BLIP's losses in place of the model's own: the captioner's LM loss, the filter's ITC + ITM.
+
+        Each is a mean over its batch, so the Trainer divides it by the accumulation steps: it never counts
+        label tokens here (the batches hold no `labels`), and is told so."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if filter_loss is None:

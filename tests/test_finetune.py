@@ -91,19 +91,21 @@ class Kill(TrainerCallback):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("role", ["captioner", "filter"])
-def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(role, tiny_models, dataset, tmp_path):
+@pytest.mark.parametrize(("role", "grad_accum"), [("captioner", 1), ("filter", 1), ("captioner", 2)])
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(role, grad_accum, tiny_models, dataset,
+                                                                     tmp_path):
     source = tiny_models[0] if role == "captioner" else tiny_models[1]
     cls = BlipForConditionalGeneration if role == "captioner" else BlipForImageTextRetrieval
-    # 8 pairs, batch 2, 2 epochs: 8 steps; killed after step 3, in the middle of the first epoch.
-    options = {"epochs": 2, "batch_size": 2, "save_steps": 3, "lr": 1e-4}
+    # 8 pairs, batch 2, 2 epochs: 8 updates (4 with 2 accumulated); killed in the middle of the first epoch.
+    steps, kill_at = 8 // grad_accum, 3 // grad_accum
+    options = {"epochs": 2, "batch_size": 2, "grad_accum": grad_accum, "save_steps": kill_at, "lr": 1e-4}
     run(role, source, dataset, tmp_path / "whole", **options)
     with pytest.raises(KeyboardInterrupt):
-        run(role, source, dataset, tmp_path / "killed", callbacks=[Kill(3)], **options)
+        run(role, source, dataset, tmp_path / "killed", callbacks=[Kill(kill_at)], **options)
     assert not (tmp_path / "killed" / "config.json").exists()
-    assert [path.name for path in (tmp_path / "killed" / "checkpoints").iterdir()] == ["checkpoint-3"]
+    assert [path.name for path in (tmp_path / "killed" / "checkpoints").iterdir()] == [f"checkpoint-{kill_at}"]
     record = run(role, source, dataset, tmp_path / "killed", **options)
-    assert record["steps"] == 8
+    assert record["steps"] == steps
 
     whole, resumed = weights(cls.from_pretrained(tmp_path / "whole")), weights(cls.from_pretrained(tmp_path / "killed"))
     assert whole.keys() == resumed.keys()
