@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from capfilt.errors import ConfigError, DecodeError
+from capfilt.log import logger
 
 RECORD_NAME = "finetune.json"
 CHECKPOINTS = "checkpoints"
@@ -44,6 +45,9 @@ RECIPE = {
     ("filter", "large"): (5e-6, 6),
 }
 LARGE_VISION_HIDDEN = 1024  # ViT-L's width; ViT-B's is 768
+# The first transformers release whose Trainer, resumed, ends with the weights of an uninterrupted run
+# (tests/test_finetune.py; 5.0 to 5.5 end a few ulps away).
+EXACT_RESUME_RELEASE = (5, 6)
 
 
 @dataclass(frozen=True)
@@ -298,9 +302,8 @@ def finetune(
     if not pairs.images:
         raise ConfigError(f"no usable image-caption pairs in {data}"
                           + (f" ({', '.join(f'{n} {r}' for r, n in skipped.items())} skipped)" if skipped else ""))
-    if not quiet:
-        summary = ", ".join(f"{n} {r}" for r, n in skipped.items()) or "none"
-        print(f"capfilt: {len(pairs.images)} pairs to train on; skipped: {summary}")
+    summary = ", ".join(f"{n} {r}" for r, n in skipped.items()) or "none"
+    logger.info("%d pairs to train on; skipped: %s", len(pairs.images), summary)
     out_dir.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
         "settings": asdict(settings),
@@ -330,8 +333,14 @@ def _on_cpu(device: str | None, dtype: str) -> bool:
 def _train(settings: FinetuneSettings, pairs: Pairs, out: Path, record: dict[str, Any], on_cpu: bool,
            quiet: bool, callbacks: list | None) -> dict[str, Any]:
     import torch
-    from transformers import (AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval, Trainer,
-                              TrainingArguments)
+    import transformers
+    from transformers import (
+        AutoProcessor,
+        BlipForConditionalGeneration,
+        BlipForImageTextRetrieval,
+        Trainer,
+        TrainingArguments,
+    )
     from transformers.utils import logging as transformers_logging
 
     from capfilt.models.blip_training import FilterLoss, captioner_loss, prompt_length
@@ -425,8 +434,11 @@ def _train(settings: FinetuneSettings, pairs: Pairs, out: Path, record: dict[str
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
     resume = last_checkpoint(out / CHECKPOINTS)
-    if resume and not quiet:
-        print(f"capfilt: resuming from {resume}")
+    if resume:
+        logger.info("resuming from %s", resume)
+        if _release(transformers.__version__) < EXACT_RESUME_RELEASE:
+            logger.warning("transformers %s resumes a training close to, not exactly at, the weights of an "
+                           "uninterrupted one (exactly from 5.6 on, tested)", transformers.__version__)
     trainer.train(resume_from_checkpoint=resume)
 
     if filter_loss is not None:
@@ -444,7 +456,12 @@ def _train(settings: FinetuneSettings, pairs: Pairs, out: Path, record: dict[str
         eval_pairs=len(eval_rows),
     )
     write_json(out / RECORD_NAME, record)
-    if not quiet:
-        losses = ", ".join(f"{loss:.4f}" for loss in record["train_loss"])
-        print(f"capfilt: fine-tuned {role} saved to {out}; loss per epoch: {losses}")
+    losses = ", ".join(f"{loss:.4f}" for loss in record["train_loss"])
+    logger.info("fine-tuned %s saved to %s; loss per epoch: %s", role, out, losses)
     return record
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as 5.24.0 or 5.6.0.dev0."""
+    major, minor = (version.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval,
-                          TrainerCallback)
+from transformers import AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval, TrainerCallback
 
 from capfilt.errors import ConfigError
 from capfilt.finetune import RECORD_NAME, finetune
@@ -187,3 +186,17 @@ def test_preset_gives_its_filter_and_the_device_and_dtype_are_checked(dataset, t
     with pytest.raises(ConfigError, match="names no captioner|--from"):
         finetune("captioner", str(dataset), str(tmp_path / "other"))
     assert not (tmp_path / "other").exists()
+
+
+def test_resuming_on_a_release_that_resumes_inexactly_says_so(tiny_models, dataset, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import transformers
+
+    options = {"epochs": 1, "batch_size": 2, "save_steps": 1, "lr": 1e-4}
+    with pytest.raises(KeyboardInterrupt):
+        run("captioner", tiny_models[0], dataset, tmp_path / "out", callbacks=[Kill(1)], **options)
+    monkeypatch.setattr(transformers, "__version__", "5.5.4")
+    with caplog.at_level(logging.INFO, logger="capfilt"):
+        run("captioner", tiny_models[0], dataset, tmp_path / "out", **options)
+    assert any("resumes a training close to, not exactly at" in r.getMessage() for r in caplog.records)
