@@ -77,7 +77,7 @@ class DecodingSettings:
 class FilterModel:
     """One filter of a run: a model (HF id or local directory) and the name its scores take in this run.
 
-    `--filter NAME=MODEL` renames the model's scores (see `capfilt.scores.run_name`); `computes` lists the
+    `--filter NAME=MODEL` renames the model's scores (see `capfilt.scores.run_scores`); `computes` lists the
     family's scores this run computes, filled in when the run is planned (`capfilt.plan`)."""
 
     model: str

@@ -16,12 +16,12 @@ from dataclasses import dataclass, replace
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from capfilt.config import Command, FilterModel, RunConfig
+from capfilt.config import Command, RunConfig
 from capfilt.errors import ConfigError, InputError
 from capfilt.keep import KeepRule, KeepRules, KeepTop, top_threshold
 from capfilt.output import RUN_FILE
 from capfilt.schema import SYNTHETIC, WEB_CAPTION, score_field, web_score_field
-from capfilt.scores import Score, run_name
+from capfilt.scores import Score, run_scores
 from capfilt.worker import Locations
 
 
@@ -38,27 +38,28 @@ class Plan:
 
 
 def plan(config: RunConfig, locations: Locations) -> Plan:
-    inherited = input_scores(locations)
+    recorded = input_run_record(locations)
+    inherited = {name: Score.from_record(name, record) for name, record in (recorded or {}).get("scores", {}).items()}
     if config.command is Command.select:
-        return _plan_select(config, locations, inherited)
+        return _plan_select(config, locations, recorded, inherited)
     if not config.filters:
         return Plan(config, inherited)
     from capfilt.models import filter_family  # only a run with filters waits for transformers
 
     families = [filter_family(f.model) for f in config.filters]
+    named = [run_scores(family.scores, spec.name) for spec, family in zip(config.filters, families)]
     computable: dict[str, Score] = {}
     owners: dict[str, str] = {}
-    for spec, family in zip(config.filters, families):
-        for score in family.scores:
-            name = run_name(score.name, spec.name, len(family.scores))
-            if name in computable:
-                raise ConfigError(f"two filters compute a score named '{name}' ({owners[name]} and {spec.model}); "
-                                  f"name one with --filter NAME=MODEL")
-            computable[name], owners[name] = score.renamed(name), spec.model
+    for spec, scores in zip(config.filters, named):
+        for score in scores.values():
+            if score.name in computable:
+                raise ConfigError(f"two filters compute a score named '{score.name}' ({owners[score.name]} and "
+                                  f"{spec.model}); name one with --filter NAME=MODEL")
+            computable[score.name], owners[score.name] = score, spec.model
     keep = config.keep
     if keep is None:  # each family's own default rules, under the names this run gives its scores
-        keep = tuple(str(_renamed(KeepRule.parse(rule), spec, family)) for spec, family in zip(config.filters, families)
-                     for rule in family.default_keep)
+        keep = tuple(str(replace(rule, score=scores[rule.score].name)) for family, scores in zip(families, named)
+                     for rule in map(KeepRule.parse, family.default_keep))
     rules = KeepRules.parse(keep, config.keep_best)
     rules.check(computable, "the run's filters compute")
     for name in config.extra_scores:
@@ -66,26 +67,14 @@ def plan(config: RunConfig, locations: Locations) -> Plan:
             raise ConfigError(f"--scores names '{name}', which the run's filters do not compute; they compute: "
                               f"{', '.join(computable)}")
     wanted = {rule.score for rule in rules.rules} | set(config.extra_scores)
-    filters = []
-    for spec, family in zip(config.filters, families):
-        computes = tuple(score.name for score in family.scores if score.name in family.default_scores
-                         or run_name(score.name, spec.name, len(family.scores)) in wanted)
-        filters.append(replace(spec, computes=computes))
-    computed = {name: score for spec, family in zip(filters, families) for score in family.scores
-                if score.name in spec.computes
-                for name in [run_name(score.name, spec.name, len(family.scores))]}
-    scores = {**inherited, **{name: score.renamed(name) for name, score in computed.items()}}
-    return Plan(replace(config, filters=tuple(filters), keep=keep), scores)
-
-
-def _renamed(rule: KeepRule, spec: FilterModel, family: type) -> KeepRule:
-    return replace(rule, score=run_name(rule.score, spec.name, len(family.scores)))
-
-
-def input_scores(locations: Locations) -> dict[str, Score]:
-    """The scores an earlier capfilt run recorded for its output, when the input is one; else none."""
-    recorded = input_run_record(locations)
-    return {name: Score.from_record(name, record) for name, record in (recorded or {}).get("scores", {}).items()}
+    filters = tuple(
+        replace(spec, computes=tuple(name for name, score in scores.items()
+                                     if name in family.default_scores or score.name in wanted))
+        for spec, family, scores in zip(config.filters, families, named)
+    )
+    computed = {score.name: score for spec, scores in zip(filters, named) for name, score in scores.items()
+                if name in spec.computes}
+    return Plan(replace(config, filters=filters, keep=keep), {**inherited, **computed})
 
 
 def input_run_record(locations: Locations) -> dict | None:
@@ -102,8 +91,8 @@ def input_folder(locations: Locations) -> str:
     return posixpath.dirname(locations.shards[0].path.rstrip("/"))
 
 
-def _plan_select(config: RunConfig, locations: Locations, inherited: dict[str, Score]) -> Plan:
-    recorded = input_run_record(locations)
+def _plan_select(config: RunConfig, locations: Locations, recorded: dict | None,
+                 inherited: dict[str, Score]) -> Plan:
     if recorded is None:
         raise InputError(f"{config.input} holds no capfilt output ({RUN_FILE} is missing): select re-applies keep "
                          "rules to the scores a run wrote, e.g. with --mode annotate")

@@ -9,6 +9,7 @@ so that two models of one family can run side by side. Nothing here imports torc
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from capfilt.errors import ConfigError
@@ -44,9 +45,11 @@ def check_score_name(name: str, what: str = "score name") -> str:
     return name
 
 
-def run_name(family_score: str, rename: str | None, family_scores: int) -> str:
-    """What a run calls a family's score: the family's own name; with `NAME=MODEL`, NAME for a family of one
-    score and `NAME_score` (e.g. `blipL_itm`) for a family of several."""
+def run_scores(scores: Sequence[Score], rename: str | None) -> dict[str, Score]:
+    """A family's scores as a run names them, by the family's own name: the family's names; with
+    `NAME=MODEL`, NAME for a family of one score and `NAME_score` (e.g. `blipL_itm`) for a family of several."""
     if rename is None:
-        return family_score
-    return rename if family_scores == 1 else f"{rename}_{family_score}"
+        return {score.name: score for score in scores}
+    if len(scores) == 1:
+        return {scores[0].name: scores[0].renamed(rename)}
+    return {score.name: score.renamed(f"{rename}_{score.name}") for score in scores}

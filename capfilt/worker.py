@@ -37,7 +37,7 @@ from capfilt.observer import Observer
 from capfilt.output import OutputDirectory
 from capfilt.sample import Reject
 from capfilt.schema import capfilt_fields
-from capfilt.scores import run_name
+from capfilt.scores import run_scores
 from capfilt.stages import Batch, CaptionStage, DecodeStage, KeepStage, ModelStage, ScoreStage, Stage
 from capfilt.stats import ShardStats
 from capfilt.threads import decode_worker_threads, model_stage_threads, use_threads
@@ -85,8 +85,8 @@ class ShardWorker:
         for spec in c.filters:
             filter_ = load_filter(spec.model, c.device, c.torch_dtype, c.sdpa)
             self.models.append(filter_)
-            named = {score.name: score.renamed(run_name(score.name, spec.name, len(filter_.scores)))
-                     for score in filter_.scores if score.name in spec.computes}
+            named = {name: score for name, score in run_scores(filter_.scores, spec.name).items()
+                     if name in spec.computes}
             stages.append(ScoreStage(filter_, named))
         if c.keep is not None:
             stages.append(KeepStage(KeepRules.parse(c.keep, c.keep_best), c.mode))
