@@ -111,12 +111,6 @@ def synthetic_record(caption: Caption) -> dict[str, Any]:
     }
 
 
-def own_metadata(sample: Sample) -> dict[str, Any]:
-    """The sample's metadata without fields named as capfilt's own (an input field `web_itm_score` that no run
-    wrote): capfilt's fields replace them, so that reading the output back never takes one for a score."""
-    return {name: value for name, value in sample.metadata.items() if not is_capfilt_field(name)}
-
-
 def capfilt_fields(sample: Sample, kept: list[str] | None = None) -> dict[str, Any]:
     """The fields capfilt adds to a sample's JSON (and Parquet columns), with `decoding` as a dict; `kept` is
     `kept_captions(sample)` when the caller has it."""
@@ -151,9 +145,11 @@ def restore_capfilt_fields(sample: Sample) -> None:
     `.txt` with its primary caption. A score recorded as null is one the caption does not have (a Parquet
     column another sample filled), but for an image without web caption, where a run writes its scores null.
     """
-    meta = sample.metadata
+    # Taken out of the metadata either way: the output writes capfilt's own fields under these names, so an
+    # input's field that merely looks like one (`web_itm_score: "x"`) would otherwise be read back as a score.
+    meta = {name: sample.metadata.pop(name) for name in [name for name in sample.metadata if is_capfilt_field(name)]}
     if WEB_CAPTION not in meta and SYNTHETIC not in meta:
-        return  # not written by capfilt: fields that merely look like ours stay the input's own
+        return  # not written by capfilt
     sample.web_caption = meta.get(WEB_CAPTION, sample.web_caption)
     sample.web_kept = meta.get(WEB_KEPT)
     for field, value in meta.items():
@@ -176,8 +172,6 @@ def restore_capfilt_fields(sample: Sample) -> None:
         ))
     ranking = meta.get(KEPT)
     sample.ranking = [text for text in ranking if isinstance(text, str)] if isinstance(ranking, list) else []
-    for name in [name for name in meta if is_capfilt_field(name)]:
-        meta.pop(name)
 
 
 def sample_from_dropped_record(record: dict[str, Any]) -> Sample:

@@ -23,7 +23,7 @@ from fsspec import AbstractFileSystem
 
 from capfilt.formats.base import ShardWriter, temporary_path
 from capfilt.sample import Sample
-from capfilt.schema import arrow_fields, arrow_values, is_capfilt_field, own_metadata, score_names
+from capfilt.schema import arrow_fields, arrow_values, is_capfilt_field, score_names
 
 
 def metadata_path(output_dir: str, shard_name: str) -> str:
@@ -58,7 +58,7 @@ class MetadataShardWriter(ShardWriter):
         self._shard_writer.write(sample)
         if self._scores is None:  # every sample of a run has the same scores
             self._scores = score_names(sample)
-        row = own_metadata(sample)
+        row = dict(sample.metadata)
         row.setdefault("key", sample.key)
         row.setdefault("caption", sample.web_caption)
         self._rows.append(row | arrow_values(sample, self._scores))

@@ -38,7 +38,7 @@ from capfilt.errors import ShardReadError
 from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, restore_fields, temporary_path
 from capfilt.formats.webdataset import IMAGE_EXTS, json_bytes, list_named
 from capfilt.sample import Reject, Sample
-from capfilt.schema import arrow_fields, arrow_values, is_capfilt_field, own_metadata, score_names
+from capfilt.schema import arrow_fields, arrow_values, is_capfilt_field, score_names
 
 IMAGE_COLUMNS = ("jpg", "png", "webp", "image")
 CAPTION_COLUMNS = ("caption", "text", "txt")
@@ -352,7 +352,7 @@ def _row(sample: Sample, layout: TableLayout, scores: list[str]) -> dict[str, An
     if layout.caption_column:
         row[layout.caption_column] = _caption_value(sample.web_caption, schema.field(layout.caption_column).type)
     if layout.json_column:
-        rest = {name: value for name, value in own_metadata(sample).items() if name not in plain}
+        rest = {name: value for name, value in sample.metadata.items() if name not in plain}
         row[layout.json_column] = json_bytes(rest).decode("utf-8")
     if layout.extra_members_column:
         members = [{"ext": ext, "data": data} for ext, data in sample.extra_members.items()]

@@ -27,7 +27,7 @@ from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, restor
 from capfilt.formats.metadata import MetadataShardWriter, metadata_path
 from capfilt.formats.tar_io import TarMemberWriter, iter_members
 from capfilt.sample import Reject, Sample
-from capfilt.schema import capfilt_fields, kept_captions, own_metadata, primary_caption
+from capfilt.schema import capfilt_fields, kept_captions, primary_caption
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff", "tif")
 
@@ -99,7 +99,7 @@ def sample_members(sample: Sample) -> list[tuple[str, bytes]]:
     caption = primary_caption(sample, kept)
     if caption is not None:
         members.append(("txt", caption.encode("utf-8")))
-    members.append(("json", json_bytes({**own_metadata(sample), **capfilt_fields(sample, kept)})))
+    members.append(("json", json_bytes({**sample.metadata, **capfilt_fields(sample, kept)})))
     taken = {sample.image_ext.lower(), "txt", "json"}
     members += [(ext, data) for ext, data in sample.extra_members.items() if ext.lower() not in taken]
     return members
