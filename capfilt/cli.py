@@ -248,8 +248,10 @@ def finetune_command(role: str) -> Callable[..., None]:
                                                  show_default="BLIP's")] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per step per device.")] = 32,
         grad_accum: Annotated[int, typer.Option("--grad-accum", help="Steps whose gradients add up to one update.")] = 1,
-        eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Pairs held out for a loss after each "
-                                                     "epoch.")] = 0.0,
+        eval_data: Annotated[str | None, typer.Option("--eval", help="Held-out pairs (any input capfilt reads), "
+                                                      "evaluated after each epoch.", show_default="none")] = None,
+        eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of DATA's pictures held out "
+                                                     "instead, evaluated after each epoch.")] = 0.0,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the data order, dropout and the split.")] = 42,
         device: Annotated[str | None, typer.Option("--device", help="cpu or cuda.", show_default="cuda if any")] = None,
         dtype: Annotated[str, typer.Option("--dtype", help="float32, or bfloat16/float16 mixed precision.")] = "float32",
@@ -265,7 +267,7 @@ def finetune_command(role: str) -> Callable[..., None]:
 
             try:
                 finetune(role, data, out, model=model, preset=preset, epochs=epochs, lr=lr, batch_size=batch_size,
-                         grad_accum=grad_accum, eval_fraction=eval_fraction, seed=seed, device=device, dtype=dtype,
+                         grad_accum=grad_accum, eval_fraction=eval_fraction, eval_data=eval_data, seed=seed, device=device, dtype=dtype,
                          save_steps=save_steps, storage_options=parse_storage_options(storage_options), quiet=quiet)
             except KeyboardInterrupt:
                 exit_interrupted("capfilt: interrupted; rerun the same command to continue from the last checkpoint.")

@@ -25,6 +25,7 @@ from typing import Any
 
 from capfilt.errors import ConfigError, DecodeError
 from capfilt.log import logger
+from capfilt.sample import Sample
 
 RECORD_NAME = "finetune.json"
 CHECKPOINTS = "checkpoints"
@@ -64,6 +65,7 @@ class FinetuneSettings:
     eval_fraction: float
     seed: int
     dtype: str
+    eval_data: str | None = None
     weight_decay: float = WEIGHT_DECAY
     prompt: str = DEFAULT_PROMPT
     max_tokens: int = CAPTIONER_MAX_TOKENS
@@ -79,9 +81,14 @@ class Pairs:
     captions: list[str] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
 
+    def subset(self, rows: list[int]) -> Pairs:
+        return Pairs([self.keys[i] for i in rows], [self.images[i] for i in rows], [self.captions[i] for i in rows],
+                     self.skipped)
+
 
 def read_pairs(data: str, storage_options: dict[str, Any] | None = None) -> Pairs:
-    """Every sample of `data` whose image decodes and which has a caption; the others counted by reason."""
+    """A pair for each caption `training_captions` gives of every sample of `data` whose image decodes; the
+    samples without either, counted by reason."""
     from capfilt.decode import DEFAULT_MAX_PIXELS, decode_image
     from capfilt.paths import resolve_input
     from capfilt.sample import Reject
@@ -93,7 +100,8 @@ def read_pairs(data: str, storage_options: dict[str, Any] | None = None) -> Pair
             if isinstance(item, Reject):
                 pairs.skipped[item.reason] += 1
                 continue
-            if item.web_caption is None or not item.web_caption.strip():
+            captions = [text.strip() for text in training_captions(item) if text and text.strip()]
+            if not captions:
                 pairs.skipped["no_caption"] += 1
                 continue
             try:
@@ -101,10 +109,21 @@ def read_pairs(data: str, storage_options: dict[str, Any] | None = None) -> Pair
             except DecodeError as error:
                 pairs.skipped[error.reason] += 1
                 continue
-            pairs.keys.append(item.key)
-            pairs.images.append(item.image_bytes or b"")
-            pairs.captions.append(item.web_caption.strip())
+            for caption in captions:
+                pairs.keys.append(item.key)
+                pairs.images.append(item.image_bytes or b"")
+                pairs.captions.append(caption)
     return pairs
+
+
+def training_captions(sample: Sample) -> list[str]:
+    """The captions a sample teaches: in a capfilt output, every kept caption (web and synthetic, as CapFilt's
+    bootstrapped data is used); elsewhere, the web caption."""
+    from capfilt.schema import kept_captions
+
+    if sample.web_kept is not None or sample.synthetic_captions:
+        return kept_captions(sample)
+    return [sample.web_caption] if sample.web_caption is not None else []
 
 
 def recipe(role: str, vision_hidden_size: int) -> tuple[float, int]:
@@ -208,6 +227,39 @@ def epoch_losses(log_history: list[dict[str, Any]], key: str) -> list[float]:
     return [sum(values) / len(values) for _, values in sorted(by_epoch.items())]
 
 
+def split(pairs: Pairs, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Rows held out and rows trained on: `eval_fraction` of the pictures, drawn with the seed, with all their
+    captions, so that no held-out picture is also trained on."""
+    pictures = sorted(set(image_ids(pairs.images)))
+    random.Random(seed).shuffle(pictures)
+    held = set(pictures[: round(len(pictures) * eval_fraction)])
+    ids = image_ids(pairs.images)
+    return [i for i, image in enumerate(ids) if image in held], [i for i, image in enumerate(ids) if image not in held]
+
+
+def epoch_figures(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Per epoch, the held-out loss and figures the Trainer logged (`eval_` dropped from their names)."""
+    by_epoch: dict[float, dict[str, float]] = {}
+    for entry in log_history:
+        if "epoch" in entry and any(name.startswith("eval_") for name in entry):
+            figures = by_epoch.setdefault(round(entry["epoch"], 4), {"epoch": round(entry["epoch"], 4)})
+            figures.update({name.removeprefix("eval_"): value for name, value in entry.items()
+                            if name.startswith("eval_") and not name.endswith(("_runtime", "_per_second"))})
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def show_figures(rows: list[dict[str, float]]) -> None:
+    """The held-out figures of every epoch so far, as a table on stderr."""
+    from rich.console import Console
+    from rich.table import Table
+
+    names = [name for name in rows[-1] if name != "epoch"]
+    table = Table("epoch", *names, title="held-out evaluation")
+    for row in rows:
+        table.add_row(f"{row['epoch']:g}", *(f"{row[name]:.4f}" if name in row else "" for name in names))
+    Console(stderr=True).print(table)
+
+
 class PairDataset:
     """Pairs as the model's inputs: the image through the checkpoint's image processor, the caption's text."""
 
@@ -262,6 +314,7 @@ def finetune(
     batch_size: int = 32,
     grad_accum: int = 1,
     eval_fraction: float = 0.0,
+    eval_data: str | None = None,
     seed: int = 42,
     device: str | None = None,
     dtype: str = "float32",
@@ -284,6 +337,12 @@ def finetune(
         raise ConfigError(f"--lr {lr}: give a positive learning rate")
     if not 0 <= eval_fraction < 1:
         raise ConfigError(f"--eval-fraction {eval_fraction}: give a fraction from 0 to below 1")
+    if eval_data is not None and eval_fraction:
+        raise ConfigError("give held-out pairs either with --eval DATA or with --eval-fraction, not both")
+    if role == "captioner" and (eval_data is not None or eval_fraction):
+        from capfilt.evaluation import check_scorers
+
+        check_scorers()
     on_cpu = _on_cpu(device, dtype)
     model, prompt = resolve_model(role, model, preset)
     config = check_model(role, model)
@@ -291,29 +350,44 @@ def finetune(
     settings = FinetuneSettings(
         role=role, data=data, model=model, epochs=epochs or default_epochs, lr=lr or default_lr,
         batch_size=batch_size, grad_accum=grad_accum, eval_fraction=eval_fraction, seed=seed, dtype=dtype,
+        eval_data=eval_data,
         prompt=prompt if role == "captioner" else "",
         max_tokens=CAPTIONER_MAX_TOKENS if role == "captioner" else FILTER_MAX_TOKENS, save_steps=save_steps,
     )
     out_dir = Path(out)
     previous = check_out(out_dir, settings)
 
-    pairs = read_pairs(data, storage_options)
+    pairs = usable_pairs(data, storage_options)
+    held_out = usable_pairs(eval_data, storage_options) if eval_data is not None else None
     skipped = dict(sorted(pairs.skipped.items()))
-    if not pairs.images:
-        raise ConfigError(f"no usable image-caption pairs in {data}"
-                          + (f" ({', '.join(f'{n} {r}' for r, n in skipped.items())} skipped)" if skipped else ""))
-    summary = ", ".join(f"{n} {r}" for r, n in skipped.items()) or "none"
-    logger.info("%d pairs to train on; skipped: %s", len(pairs.images), summary)
+    logger.info("%d pairs to train on; skipped: %s", len(pairs.images), counted(skipped))
+    if held_out is not None:
+        logger.info("%d held-out pairs from %s; skipped: %s", len(held_out.images), eval_data,
+                    counted(held_out.skipped))
     out_dir.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {
         "settings": asdict(settings),
         "status": "training",
         "pairs": len(pairs.images),
         "skipped": skipped,
+        **({"eval_skipped": dict(sorted(held_out.skipped.items()))} if held_out is not None else {}),
         **({"started": previous["started"]} if previous and "started" in previous else {}),
     }
     write_json(out_dir / RECORD_NAME, record)
-    return _train(settings, pairs, out_dir, record, on_cpu, quiet, callbacks)
+    return _train(settings, pairs, held_out, out_dir, record, on_cpu, quiet, callbacks)
+
+
+def counted(skipped: dict[str, int]) -> str:
+    return ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items())) or "none"
+
+
+def usable_pairs(data: str, storage_options: dict[str, Any] | None) -> Pairs:
+    """`read_pairs`, refused in one line when none is usable."""
+    pairs = read_pairs(data, storage_options)
+    if not pairs.images:
+        skipped = f" ({counted(pairs.skipped)} skipped)" if pairs.skipped else ""
+        raise ConfigError(f"no usable image-caption pairs in {data}{skipped}")
+    return pairs
 
 
 def _on_cpu(device: str | None, dtype: str) -> bool:
@@ -330,8 +404,8 @@ def _on_cpu(device: str | None, dtype: str) -> bool:
     return on_cpu
 
 
-def _train(settings: FinetuneSettings, pairs: Pairs, out: Path, record: dict[str, Any], on_cpu: bool,
-           quiet: bool, callbacks: list | None) -> dict[str, Any]:
+def _train(settings: FinetuneSettings, pairs: Pairs, held_out_pairs: Pairs | None, out: Path,
+           record: dict[str, Any], on_cpu: bool, quiet: bool, callbacks: list | None) -> dict[str, Any]:
     import torch
     import transformers
     from transformers import (
@@ -343,6 +417,7 @@ def _train(settings: FinetuneSettings, pairs: Pairs, out: Path, record: dict[str
     )
     from transformers.utils import logging as transformers_logging
 
+    from capfilt.evaluation import HeldOut, evaluate_captioner, evaluate_filter
     from capfilt.models.blip_training import FilterLoss, captioner_loss, prompt_length
     from capfilt.models.loading import load_pretrained
 
@@ -358,18 +433,17 @@ def _train(settings: FinetuneSettings, pairs: Pairs, out: Path, record: dict[str
         # A parameter of the model, so that the Trainer's optimizer, checkpoints and resume all carry it.
         model.register_parameter(TEMPERATURE_NAME, filter_loss.temp)
 
-    texts = [settings.prompt + caption for caption in pairs.captions] if role == "captioner" else pairs.captions
-    ids = image_ids(pairs.images)
-    order = list(range(len(pairs.images)))
-    evaluated = round(len(order) * settings.eval_fraction)
-    random.Random(settings.seed).shuffle(order)
-    eval_rows, train_rows = sorted(order[:evaluated]), sorted(order[evaluated:])
-    if not train_rows:
+    if held_out_pairs is None:
+        eval_rows, train_rows = split(pairs, settings.eval_fraction, settings.seed)
+        held_out_pairs = pairs.subset(eval_rows)
+        pairs = pairs.subset(train_rows)
+    if not pairs.images:
         raise ConfigError("--eval-fraction leaves no pair to train on")
+    held_out = HeldOut.from_pairs(held_out_pairs.images, held_out_pairs.captions) if held_out_pairs.images else None
 
-    def subset(rows: list[int]) -> PairDataset:
-        return PairDataset([pairs.images[i] for i in rows], [texts[i] for i in rows], [ids[i] for i in rows],
-                           processor.image_processor)
+    def dataset(chosen: Pairs) -> PairDataset:
+        texts = [settings.prompt + caption for caption in chosen.captions] if role == "captioner" else chosen.captions
+        return PairDataset(chosen.images, texts, image_ids(chosen.images), processor.image_processor)
 
     prompt_tokens = prompt_length(processor.tokenizer, settings.prompt) if role == "captioner" else 0
 
@@ -392,6 +466,31 @@ def _train(settings: FinetuneSettings, pairs: Pairs, out: Path, record: dict[str
                                    image_ids=inputs["image_ids"]).total
             return (loss, {"loss": loss}) if return_outputs else loss
 
+        def evaluate(self, *args, **kwargs) -> dict[str, float]:
+            """The held-out loss, then the held-out figures (`capfilt.evaluation`), logged, shown and recorded."""
+            metrics = super().evaluate(*args, **kwargs)
+            if held_out is None:
+                return metrics
+            training = self.model.training
+            self.model.eval()
+            with self.autocast_smart_context_manager():
+                if role == "captioner":
+                    figures = evaluate_captioner(self.model, processor, held_out, settings.prompt,
+                                                 settings.batch_size, settings.max_tokens)
+                else:
+                    figures = evaluate_filter(self.model, processor, held_out, settings.batch_size,
+                                              settings.max_tokens)
+            self.model.train(training)
+            figures = {f"eval_{name}": value for name, value in figures.items()}
+            self.log(figures)
+            metrics.update(figures)
+            if self.is_world_process_zero():
+                record["eval"] = epoch_figures(self.state.log_history)
+                write_json(out / RECORD_NAME, record)
+                if not quiet:
+                    show_figures(record["eval"])
+            return metrics
+
     args = TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
         num_train_epochs=settings.epochs,
@@ -411,7 +510,7 @@ def _train(settings: FinetuneSettings, pairs: Pairs, out: Path, record: dict[str
         save_total_limit=1,
         logging_strategy="steps",
         logging_steps=1,
-        eval_strategy="epoch" if eval_rows else "no",
+        eval_strategy="epoch" if held_out is not None else "no",
         prediction_loss_only=True,
         label_names=["input_ids"],
         remove_unused_columns=False,
@@ -422,8 +521,8 @@ def _train(settings: FinetuneSettings, pairs: Pairs, out: Path, record: dict[str
     trainer = FinetuneTrainer(
         model=model,
         args=args,
-        train_dataset=subset(train_rows),
-        eval_dataset=subset(eval_rows) if eval_rows else None,
+        train_dataset=dataset(pairs),
+        eval_dataset=dataset(held_out_pairs) if held_out is not None else None,
         data_collator=Collator(processor.tokenizer, settings.max_tokens),
         processing_class=processor,
         callbacks=callbacks,
@@ -451,9 +550,9 @@ def _train(settings: FinetuneSettings, pairs: Pairs, out: Path, record: dict[str
         status="done",
         steps=trainer.state.global_step,
         train_loss=epoch_losses(history, "loss"),
-        eval_loss=[entry["eval_loss"] for entry in history if "eval_loss" in entry],
-        train_pairs=len(train_rows),
-        eval_pairs=len(eval_rows),
+        eval=epoch_figures(history),
+        train_pairs=len(pairs.images),
+        eval_pairs=len(held_out_pairs.images),
     )
     write_json(out / RECORD_NAME, record)
     losses = ", ".join(f"{loss:.4f}" for loss in record["train_loss"])

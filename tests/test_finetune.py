@@ -205,5 +205,6 @@ def test_resuming_on_a_release_that_resumes_inexactly_says_so(tiny_models, datas
 def test_eval_fraction_holds_pairs_out_and_records_their_loss_each_epoch(tiny_models, dataset, tmp_path):
     record = run("filter", tiny_models[1], dataset, tmp_path / "out", epochs=2, eval_fraction=0.25)
     assert (record["train_pairs"], record["eval_pairs"]) == (6, 2)  # 8 usable pairs; the split follows the seed
-    assert len(record["eval_loss"]) == 2 and all(loss > 0 for loss in record["eval_loss"])
+    assert [row["epoch"] for row in record["eval"]] == [1, 2]
+    assert all(row["loss"] > 0 and 0 <= row["itm_accuracy"] <= 1 for row in record["eval"])
     assert len(record["train_loss"]) == 2
