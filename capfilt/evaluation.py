@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from capfilt.errors import ConfigError
 
@@ -118,8 +119,6 @@ def evaluate_captioner(model, processor, held_out: HeldOut, prompt: str, batch_s
 def evaluate_filter(model, processor, held_out: HeldOut, batch_size: int, max_tokens: int) -> dict[str, float]:
     """ITM accuracy against hard negatives and retrieval recall of a `BlipForImageTextRetrieval`."""
     from capfilt.models.blip_training import image_embeddings, itm_logits
-
-    import torch.nn.functional as F
 
     device = next(model.parameters()).device
     embeds = torch.cat([

@@ -208,3 +208,26 @@ def test_eval_fraction_holds_pairs_out_and_records_their_loss_each_epoch(tiny_mo
     assert [row["epoch"] for row in record["eval"]] == [1, 2]
     assert all(row["loss"] > 0 and 0 <= row["itm_accuracy"] <= 1 for row in record["eval"])
     assert len(record["train_loss"]) == 2
+
+
+def test_a_bootstrap_output_teaches_each_of_its_kept_captions(tiny_models, tmp_path):
+    """CapFilt's last step trains on the bootstrapped data: every kept caption, web and synthetic, is a pair."""
+    import tarfile
+
+    import capfilt
+    from capfilt.finetune import read_pairs
+
+    write_webdataset_shards(tmp_path / "in", captioned(6), samples_per_shard=3)
+    capfilt.run(str(tmp_path / "in"), str(tmp_path / "boot"), "bootstrap", captioner=tiny_models[0],
+                filter=[tiny_models[1]], keep=["itc>=-0.05"], batch_size=4, device="cpu", dtype="fp32",
+                num_captions=3, num_beams=1, max_length=12, min_length=5)
+    expected = []
+    for shard in sorted((tmp_path / "boot").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in sorted(tar.getnames()):
+                if member.endswith(".json"):
+                    record = json.loads(tar.extractfile(member).read())
+                    expected += [(member.removesuffix(".json"), text) for text in record["kept_captions"]]
+    pairs = read_pairs(str(tmp_path / "boot"))
+    assert sorted(zip(pairs.keys, pairs.captions)) == sorted(expected)
+    assert any(text not in {item[2] for item in captioned(6)} for _, text in expected)  # synthetic ones among them
