@@ -355,7 +355,9 @@ def finetune(
         max_tokens=CAPTIONER_MAX_TOKENS if role == "captioner" else FILTER_MAX_TOKENS, save_steps=save_steps,
     )
     out_dir = Path(out)
-    previous = check_out(out_dir, settings)
+    # Under torchrun every process runs this; the first alone checks and writes OUT (the others would race it).
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    previous = check_out(out_dir, settings) if main_process else None
 
     pairs = usable_pairs(data, storage_options)
     held_out = usable_pairs(eval_data, storage_options) if eval_data is not None else None
@@ -373,7 +375,8 @@ def finetune(
         **({"eval_skipped": dict(sorted(held_out.skipped.items()))} if held_out is not None else {}),
         **({"started": previous["started"]} if previous and "started" in previous else {}),
     }
-    write_json(out_dir / RECORD_NAME, record)
+    if main_process:
+        write_json(out_dir / RECORD_NAME, record)
     return _train(settings, pairs, held_out, out_dir, record, on_cpu, quiet, callbacks)
 
 
@@ -418,7 +421,7 @@ def _train(settings: FinetuneSettings, pairs: Pairs, held_out_pairs: Pairs | Non
     from transformers.utils import logging as transformers_logging
 
     from capfilt.evaluation import HeldOut, evaluate_captioner, evaluate_filter
-    from capfilt.models.blip_training import FilterLoss, captioner_loss, prompt_length
+    from capfilt.models.blip_training import FilterLoss, FilterLosses, captioner_loss, prompt_length
     from capfilt.models.loading import load_pretrained
 
     if quiet:
@@ -432,6 +435,16 @@ def _train(settings: FinetuneSettings, pairs: Pairs, held_out_pairs: Pairs | Non
         filter_loss = FilterLoss()
         # A parameter of the model, so that the Trainer's optimizer, checkpoints and resume all carry it.
         model.register_parameter(TEMPERATURE_NAME, filter_loss.temp)
+    prompt_tokens = prompt_length(processor.tokenizer, settings.prompt) if role == "captioner" else 0
+
+    def training_forward(pixel_values, input_ids, attention_mask, image_ids) -> torch.Tensor | FilterLosses:
+        if filter_loss is None:
+            return captioner_loss(model, pixel_values, input_ids, attention_mask, prompt_tokens)
+        return filter_loss(model, pixel_values, input_ids, attention_mask, image_ids=image_ids)
+
+    # The losses are the model's forward while it trains: DDP synchronises the gradients of the passes made
+    # inside the forward it wraps, and no others.
+    model.forward = training_forward
 
     if held_out_pairs is None:
         eval_rows, train_rows = split(pairs, settings.eval_fraction, settings.seed)
@@ -445,8 +458,6 @@ def _train(settings: FinetuneSettings, pairs: Pairs, held_out_pairs: Pairs | Non
         texts = [settings.prompt + caption for caption in chosen.captions] if role == "captioner" else chosen.captions
         return PairDataset(chosen.images, texts, image_ids(chosen.images), processor.image_processor)
 
-    prompt_tokens = prompt_length(processor.tokenizer, settings.prompt) if role == "captioner" else 0
-
     class FinetuneTrainer(Trainer):
         """BLIP's losses in place of the model's own: the captioner's LM loss, the filter's ITC + ITM.
 
@@ -456,15 +467,23 @@ def _train(settings: FinetuneSettings, pairs: Pairs, held_out_pairs: Pairs | Non
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.model_accepts_loss_kwargs = False
+            # The filter's ITC and ITM losses of the steps since the last log, logged apart.
+            self.parts: dict[str, list[float]] = {"itc": [], "itm": []}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if filter_loss is None:
-                loss = captioner_loss(model, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"],
-                                      prompt_tokens)
-            else:
-                loss = filter_loss(model, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"],
-                                   image_ids=inputs["image_ids"]).total
+            loss = model(**inputs)
+            if isinstance(loss, FilterLosses):
+                if model.training:
+                    self.parts["itc"].append(float(loss.itc.detach()))
+                    self.parts["itm"].append(float(loss.itm.detach()))
+                loss = loss.total
             return (loss, {"loss": loss}) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+            if "loss" in logs and self.parts["itc"]:
+                logs.update({name: sum(values) / len(values) for name, values in self.parts.items()})
+                self.parts = {name: [] for name in self.parts}
+            super().log(logs, *args, **kwargs)
 
         def evaluate(self, *args, **kwargs) -> dict[str, float]:
             """The held-out loss, then the held-out figures (`capfilt.evaluation`), logged, shown and recorded."""
@@ -517,6 +536,8 @@ def _train(settings: FinetuneSettings, pairs: Pairs, held_out_pairs: Pairs | Non
         report_to="none",
         disable_tqdm=quiet,
         dataloader_num_workers=0,
+        # Both losses use every parameter; looking for unused ones costs a pass over the graph each step.
+        ddp_find_unused_parameters=False,
     )
     trainer = FinetuneTrainer(
         model=model,
@@ -540,16 +561,28 @@ def _train(settings: FinetuneSettings, pairs: Pairs, held_out_pairs: Pairs | Non
                            "uninterrupted one (exactly from 5.6 on, tested)", transformers.__version__)
     trainer.train(resume_from_checkpoint=resume)
 
+    del model.forward
     if filter_loss is not None:
         record["temperature"] = float(filter_loss.temp.detach())
         del model._parameters[TEMPERATURE_NAME]
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    main_process = trainer.is_world_process_zero()
+    if main_process:
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+    if torch.distributed.is_initialized():
+        # Every process waits for the model to be saved, then leaves the group: one exiting while another
+        # still works can abort it.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if not main_process:
+        return record
     history = trainer.state.log_history
     record.update(
         status="done",
         steps=trainer.state.global_step,
         train_loss=epoch_losses(history, "loss"),
+        **({"train_itc": epoch_losses(history, "itc"), "train_itm": epoch_losses(history, "itm")}
+           if filter_loss is not None else {}),
         eval=epoch_figures(history),
         train_pairs=len(pairs.images),
         eval_pairs=len(held_out_pairs.images),

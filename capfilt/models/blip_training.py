@@ -62,10 +62,14 @@ def captioner_loss(
     (BLIP's `BertLMHeadModel` uses 0.1), averaged over the caption's tokens and its [SEP].
 
     Computed here rather than through `labels=`: transformers takes the smoothing from the checkpoint's
-    config (0 for the released ones), and BLIP's recipe needs 0.1.
+    config (0 for the released ones), and BLIP's recipe needs 0.1. It runs the two passes
+    `BlipForConditionalGeneration.forward` runs, but through the submodules, so that it can itself be the
+    model's forward (under DDP, which synchronises only the gradients of passes made inside its forward).
     """
     ids = decoder_input_ids(model, input_ids)
-    logits = model(pixel_values=pixel_values, input_ids=ids, attention_mask=attention_mask).logits
+    image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
+    logits = model.text_decoder(input_ids=ids, attention_mask=attention_mask,
+                                encoder_hidden_states=image_embeds).logits
     labels = caption_labels(ids, attention_mask, prompt_length)
     # Position t predicts token t + 1.
     return F.cross_entropy(
@@ -90,10 +94,18 @@ def cosine_similarity(
     model: BlipForImageTextRetrieval, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """Images × texts cosine of the projected [CLS] features: `model(..., use_itm_head=False).itm_score`."""
+    image_features, text_features = itc_features(model, image_embeds, input_ids, attention_mask)
+    return image_features @ text_features.t()
+
+
+def itc_features(
+    model: BlipForImageTextRetrieval, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised ITC projections of the images' and the texts' [CLS] features."""
     text = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     image_features = F.normalize(model.vision_proj(image_embeds[:, 0, :]), dim=-1)
     text_features = F.normalize(model.text_proj(text[:, 0, :]), dim=-1)
-    return image_features @ text_features.t()
+    return image_features, text_features
 
 
 def itm_logits(
@@ -130,6 +142,47 @@ def hard_negatives(
     return picks
 
 
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """BLIP's `GatherLayer`: all-gather forward; backward sums each part's gradient over the processes (each
+    used every part in its loss) and hands every process the sum for its own part."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *gradients: torch.Tensor) -> torch.Tensor:
+        summed = torch.stack(gradients)
+        torch.distributed.all_reduce(summed)
+        return summed[torch.distributed.get_rank()]
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's `tensor`, concatenated in rank order, with gradients flowing back to each process's
+    own part (BLIP's `all_gather_with_grad`). The tensor itself in a single process."""
+    if world_size() == 1:
+        return tensor
+    return torch.cat(_GatherWithGrad.apply(tensor))
+
+
+def gather_padded(tensor: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's token rows and every process's, all padded with `pad` to the longest row of any."""
+    if world_size() == 1:
+        return tensor, tensor
+    longest = torch.tensor(tensor.shape[1], device=tensor.device)
+    torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
+    padded = F.pad(tensor, (0, int(longest) - tensor.shape[1]), value=pad)
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, padded)
+    return padded, torch.cat(parts)
+
+
 class FilterLoss(torch.nn.Module):
     """BLIP's retrieval fine-tuning loss, ITC + ITM with hard negatives, holding ITC's learnt temperature.
 
@@ -149,9 +202,12 @@ class FilterLoss(torch.nn.Module):
         attention_mask: torch.Tensor,
     ) -> torch.Tensor:
         """Images × texts similarity over the temperature, clamped first to BLIP's range as BLIP does."""
+        return cosine_similarity(model, image_embeds, input_ids, attention_mask) / self.temperature()
+
+    def temperature(self) -> torch.Tensor:
         with torch.no_grad():
             self.temp.clamp_(*TEMPERATURE_RANGE)
-        return cosine_similarity(model, image_embeds, input_ids, attention_mask) / self.temp
+        return self.temp
 
     def forward(
         self,
@@ -163,44 +219,52 @@ class FilterLoss(torch.nn.Module):
         image_ids: torch.Tensor | None = None,
     ) -> FilterLosses:
         """Row i of the batch is a matching pair. `image_ids` marks rows showing the same picture (as with
-        several captions per image): they count as matches of each other, never as negatives."""
+        several captions per image): they count as matches of each other, never as negatives.
+
+        Under DDP, as in BLIP, each process's images and texts are contrasted with, and draw their hard
+        negatives from, the batches of all processes (gathered, with gradients)."""
         image_embeds = image_embeddings(model, pixel_values)
-        sim_i2t = self.itc_logits(model, image_embeds, input_ids, attention_mask)
+        image_features, text_features = itc_features(model, image_embeds, input_ids, attention_mask)
+        temperature = self.temperature()
+        # This process's rows against every process's: the whole batch in a single process.
+        sim_i2t = image_features @ gather(text_features).t() / temperature
+        sim_t2i = text_features @ gather(image_features).t() / temperature
+        all_embeds = gather(image_embeds)
+        input_ids, all_input_ids = gather_padded(input_ids, model.config.text_config.pad_token_id or 0)
+        attention_mask, all_attention_mask = gather_padded(attention_mask, 0)
+        first = torch.distributed.get_rank() * len(input_ids) if world_size() > 1 else 0
         if image_ids is None:
-            matches = torch.eye(len(input_ids), dtype=torch.bool, device=sim_i2t.device)
-        else:
-            matches = image_ids[:, None] == image_ids[None, :]
+            image_ids = torch.arange(first, first + len(input_ids), device=input_ids.device)
+        all_image_ids = gather(image_ids)
+        matches = image_ids[:, None] == all_image_ids[None, :]
         # BLIP mixes these hard targets with a momentum encoder's predictions (distillation) and also contrasts
         # with a queue of past momentum features; without a momentum encoder, the in-batch texts and images and
         # the hard targets alone (BLIP's `pos_idx / pos_idx.sum(1)`): every match of a row shares its probability.
         targets = matches.float() / matches.sum(dim=1, keepdim=True)
         itc = (
             -(F.log_softmax(sim_i2t, dim=1) * targets).sum(1).mean()
-            - (F.log_softmax(sim_i2t.t(), dim=1) * targets).sum(1).mean()
+            - (F.log_softmax(sim_t2i, dim=1) * targets).sum(1).mean()
         ) / 2
 
         # ITM: the positives, each text with a hard-negative image, each image with a hard-negative text.
         negative_text = hard_negatives(sim_i2t, generator, matches)
-        negative_image = hard_negatives(sim_i2t.t(), generator, matches)
+        negative_image = hard_negatives(sim_t2i, generator, matches)
         texts_of_negative_images = (negative_image >= 0).nonzero().squeeze(1)
         images_of_negative_texts = (negative_text >= 0).nonzero().squeeze(1)
         # A batch of one (or of one picture's captions only) has no negatives: its ITM sees the positives alone.
         images = torch.cat(
             [
                 image_embeds,
-                image_embeds[negative_image[texts_of_negative_images]],
+                all_embeds[negative_image[texts_of_negative_images]],
                 image_embeds[images_of_negative_texts],
             ]
         )
-        text_rows = torch.cat(
-            [
-                torch.arange(len(input_ids), device=input_ids.device),
-                texts_of_negative_images,
-                negative_text[images_of_negative_texts],
-            ]
-        )
-        logits = itm_logits(model, images, input_ids[text_rows], attention_mask[text_rows])
-        labels = torch.zeros(len(text_rows), dtype=torch.long, device=logits.device)
+        texts = torch.cat([input_ids, input_ids[texts_of_negative_images],
+                           all_input_ids[negative_text[images_of_negative_texts]]])
+        masks = torch.cat([attention_mask, attention_mask[texts_of_negative_images],
+                           all_attention_mask[negative_text[images_of_negative_texts]]])
+        logits = itm_logits(model, images, texts, masks)
+        labels = torch.zeros(len(texts), dtype=torch.long, device=logits.device)
         labels[: len(input_ids)] = 1
         itm = F.cross_entropy(logits.float(), labels)
         return FilterLosses(itc=itc, itm=itm, total=itc + itm)
