@@ -317,7 +317,7 @@ def finetune(
     eval_data: str | None = None,
     seed: int = 42,
     device: str | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     save_steps: int = 500,
     storage_options: dict[str, Any] | None = None,
     quiet: bool = False,
@@ -329,7 +329,7 @@ def finetune(
     the Trainer (tests kill a run with one)."""
     if role not in ROLES:
         raise ConfigError(f"unknown role '{role}'; fine-tune a {' or a '.join(ROLES)}")
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if batch_size < 1 or grad_accum < 1 or save_steps < 1 or (epochs is not None and epochs < 1):
         raise ConfigError("--batch-size, --grad-accum, --epochs and --save-steps must be at least 1")
@@ -344,6 +344,8 @@ def finetune(
 
         check_scorers()
     on_cpu = _on_cpu(device, dtype)
+    # Mixed bfloat16 on a GPU, as BLIP fine-tunes (its `amp`); float32 on the CPU, where it is exact.
+    dtype = dtype or ("float32" if on_cpu else "bfloat16")
     model, prompt = resolve_model(role, model, preset)
     config = check_model(role, model)
     default_lr, default_epochs = recipe(role, config.vision_config.hidden_size)
@@ -393,7 +395,7 @@ def usable_pairs(data: str, storage_options: dict[str, Any] | None) -> Pairs:
     return pairs
 
 
-def _on_cpu(device: str | None, dtype: str) -> bool:
+def _on_cpu(device: str | None, dtype: str | None) -> bool:
     """Whether the Trainer runs on the CPU (it takes the GPU when there is one): refused when it cannot."""
     import torch
 
@@ -538,6 +540,8 @@ def _train(settings: FinetuneSettings, pairs: Pairs, held_out_pairs: Pairs | Non
         dataloader_num_workers=0,
         # Both losses use every parameter; looking for unused ones costs a pass over the graph each step.
         ddp_find_unused_parameters=False,
+        # BLIP's recipe for ViT-L: recompute activations in the backward pass rather than keep them.
+        gradient_checkpointing=model.config.vision_config.hidden_size >= LARGE_VISION_HIDDEN,
     )
     trainer = FinetuneTrainer(
         model=model,
@@ -548,11 +552,12 @@ def _train(settings: FinetuneSettings, pairs: Pairs, held_out_pairs: Pairs | Non
         processing_class=processor,
         callbacks=callbacks,
     )
-    if quiet:
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if not quiet:
+        trainer.add_callback(_progress_callback())
     resume = last_checkpoint(out / CHECKPOINTS)
     if resume:
         logger.info("resuming from %s", resume)
@@ -591,6 +596,21 @@ def _train(settings: FinetuneSettings, pairs: Pairs, held_out_pairs: Pairs | Non
     losses = ", ".join(f"{loss:.4f}" for loss in record["train_loss"])
     logger.info("fine-tuned %s saved to %s; loss per epoch: %s", role, out, losses)
     return record
+
+
+def _progress_callback():
+    from transformers.trainer_callback import ProgressCallback
+
+    class LossInProgressBar(ProgressCallback):
+        """The Trainer's progress bar (steps, rate, ETA), with the latest losses beside it rather than a
+        dictionary printed under it at every step; the evaluation shows its own table."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+                shown = {name: f"{logs[name]:.4f}" for name in ("loss", "itc", "itm") if name in logs}
+                self.training_bar.set_postfix(shown, refresh=False)
+
+    return LossInProgressBar
 
 
 def _release(version: str) -> tuple[int, int]:
