@@ -18,7 +18,9 @@ import json
 import math
 import os
 import random
+import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,48 +74,97 @@ class FinetuneSettings:
     save_steps: int = 500
 
 
+class Rows(Sequence):
+    """The chosen rows of a sequence, read through to it."""
+
+    def __init__(self, items: Sequence, rows: list[int]) -> None:
+        self.items, self.rows = items, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        return self.items[self.rows[index]]
+
+
+class SpooledImages(Sequence):
+    """Image bytes spooled to an Arrow file and memory-mapped: the OS pages them in as training reads them,
+    so a training set larger than memory trains."""
+
+    def __init__(self, path: Path) -> None:
+        import pyarrow as pa
+
+        self.column = pa.ipc.open_file(pa.memory_map(str(path))).read_all().column(0)
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def __getitem__(self, index: int) -> bytes:
+        return self.column[index].as_py()
+
+
 @dataclass
 class Pairs:
     """The usable (image bytes, caption) pairs of a dataset, and what was skipped, by reason."""
 
     keys: list[str] = field(default_factory=list)
-    images: list[bytes] = field(default_factory=list)
+    images: Sequence = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
 
     def subset(self, rows: list[int]) -> Pairs:
-        return Pairs([self.keys[i] for i in rows], [self.images[i] for i in rows], [self.captions[i] for i in rows],
+        return Pairs([self.keys[i] for i in rows], Rows(self.images, rows), [self.captions[i] for i in rows],
                      self.skipped)
 
 
-def read_pairs(data: str, storage_options: dict[str, Any] | None = None) -> Pairs:
+def read_pairs(data: str, storage_options: dict[str, Any] | None = None, spool: Path | None = None) -> Pairs:
     """A pair for each caption `training_captions` gives of every sample of `data` whose image decodes; the
-    samples without either, counted by reason."""
-    from capfilt.decode import DEFAULT_MAX_PIXELS, decode_image
+    samples without either, counted by reason. With `spool`, the images go to that Arrow file as they are read
+    and are memory-mapped from it, rather than held in memory."""
     from capfilt.paths import resolve_input
-    from capfilt.sample import Reject
 
     fs, fmt, shards = resolve_input(data, None, storage_options)
     pairs = Pairs()
-    for shard in shards:
-        for item in fmt.read_shard(fs, shard, None):
-            if isinstance(item, Reject):
-                pairs.skipped[item.reason] += 1
-                continue
-            captions = [text.strip() for text in training_captions(item) if text and text.strip()]
-            if not captions:
-                pairs.skipped["no_caption"] += 1
-                continue
-            try:
-                decode_image(item.image_bytes or b"", DEFAULT_MAX_PIXELS)
-            except DecodeError as error:
-                pairs.skipped[error.reason] += 1
-                continue
-            for caption in captions:
-                pairs.keys.append(item.key)
-                pairs.images.append(item.image_bytes or b"")
-                pairs.captions.append(caption)
+    if spool is None:
+        for shard in shards:
+            _read_shard(fmt.read_shard(fs, shard, None), pairs, pairs.images.append)
+        return pairs
+    import pyarrow as pa
+
+    schema = pa.schema([("image", pa.large_binary())])
+    pending: list[bytes] = []
+    with pa.OSFile(str(spool), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for shard in shards:
+            _read_shard(fmt.read_shard(fs, shard, None), pairs, pending.append)
+            # Each image once per caption, as the pairs are; written a shard at a time.
+            writer.write_batch(pa.record_batch([pa.array(pending, pa.large_binary())], schema=schema))
+            pending.clear()
+    pairs.images = SpooledImages(spool)
     return pairs
+
+
+def _read_shard(items, pairs: Pairs, keep_image) -> None:
+    """Add a shard's usable pairs to `pairs` (each pair's image through `keep_image`), counting the others."""
+    from capfilt.decode import DEFAULT_MAX_PIXELS, decode_image
+    from capfilt.sample import Reject
+
+    for item in items:
+        if isinstance(item, Reject):
+            pairs.skipped[item.reason] += 1
+            continue
+        captions = [text.strip() for text in training_captions(item) if text and text.strip()]
+        if not captions:
+            pairs.skipped["no_caption"] += 1
+            continue
+        try:
+            decode_image(item.image_bytes or b"", DEFAULT_MAX_PIXELS)
+        except DecodeError as error:
+            pairs.skipped[error.reason] += 1
+            continue
+        for caption in captions:
+            pairs.keys.append(item.key)
+            keep_image(item.image_bytes or b"")
+            pairs.captions.append(caption)
 
 
 def training_captions(sample: Sample) -> list[str]:
@@ -360,8 +411,17 @@ def finetune(
     # Under torchrun every process runs this; the first alone checks and writes OUT (the others would race it).
     main_process = int(os.environ.get("RANK", "0")) == 0
     previous = check_out(out_dir, settings) if main_process else None
+    # The training images are spooled to disk (under TMPDIR) and memory-mapped, not held in memory.
+    with tempfile.TemporaryDirectory(prefix="capfilt-finetune-") as spool:
+        return _read_and_train(settings, data, eval_data, storage_options, Path(spool) / "images.arrow", out_dir,
+                               previous, main_process, on_cpu, quiet, callbacks)
 
-    pairs = usable_pairs(data, storage_options)
+
+def _read_and_train(settings: FinetuneSettings, data: str, eval_data: str | None,
+                    storage_options: dict[str, Any] | None, spool: Path, out_dir: Path,
+                    previous: dict[str, Any] | None, main_process: bool, on_cpu: bool, quiet: bool,
+                    callbacks: list | None) -> dict[str, Any]:
+    pairs = usable_pairs(data, storage_options, spool)
     held_out = usable_pairs(eval_data, storage_options) if eval_data is not None else None
     skipped = dict(sorted(pairs.skipped.items()))
     logger.info("%d pairs to train on; skipped: %s", len(pairs.images), counted(skipped))
@@ -386,9 +446,9 @@ def counted(skipped: dict[str, int]) -> str:
     return ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items())) or "none"
 
 
-def usable_pairs(data: str, storage_options: dict[str, Any] | None) -> Pairs:
+def usable_pairs(data: str, storage_options: dict[str, Any] | None, spool: Path | None = None) -> Pairs:
     """`read_pairs`, refused in one line when none is usable."""
-    pairs = read_pairs(data, storage_options)
+    pairs = read_pairs(data, storage_options, spool)
     if not pairs.images:
         skipped = f" ({counted(pairs.skipped)} skipped)" if pairs.skipped else ""
         raise ConfigError(f"no usable image-caption pairs in {data}{skipped}")

@@ -231,3 +231,16 @@ def test_a_bootstrap_output_teaches_each_of_its_kept_captions(tiny_models, tmp_p
     pairs = read_pairs(str(tmp_path / "boot"))
     assert sorted(zip(pairs.keys, pairs.captions)) == sorted(expected)
     assert any(text not in {item[2] for item in captioned(6)} for _, text in expected)  # synthetic ones among them
+
+
+def test_spooled_training_images_are_the_pairs_read_into_memory(dataset, tmp_path):
+    """Training memory-maps its images from a spool file; they must be exactly the pairs read in memory."""
+    from capfilt.finetune import SpooledImages, read_pairs
+
+    in_memory = read_pairs(str(dataset))
+    spooled = read_pairs(str(dataset), spool=tmp_path / "images.arrow")
+    assert isinstance(spooled.images, SpooledImages)
+    assert (spooled.keys, spooled.captions, spooled.skipped) == (in_memory.keys, in_memory.captions,
+                                                                 in_memory.skipped)
+    assert list(spooled.images) == in_memory.images and len(spooled.images) == 8
+    assert list(spooled.subset([5, 2]).images) == [in_memory.images[5], in_memory.images[2]]
