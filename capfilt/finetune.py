@@ -597,7 +597,10 @@ def _train(settings: FinetuneSettings, pairs: Pairs, held_out_pairs: Pairs | Non
         remove_unused_columns=False,
         report_to="none",
         disable_tqdm=quiet,
-        dataloader_num_workers=0,
+        # On a GPU, pictures are decoded and preprocessed by worker processes while it computes; on the CPU,
+        # workers would only take cores from the training itself.
+        dataloader_num_workers=0 if on_cpu else loader_workers(),
+        dataloader_persistent_workers=not on_cpu,
         # Both losses use every parameter; looking for unused ones costs a pass over the graph each step.
         ddp_find_unused_parameters=False,
         # BLIP's recipe for ViT-L: recompute activations in the backward pass rather than keep them.
@@ -656,6 +659,13 @@ def _train(settings: FinetuneSettings, pairs: Pairs, held_out_pairs: Pairs | Non
     losses = ", ".join(f"{loss:.4f}" for loss in record["train_loss"])
     logger.info("fine-tuned %s saved to %s; loss per epoch: %s", role, out, losses)
     return record
+
+
+def loader_workers() -> int:
+    """Data loading processes per training process: this machine's cores shared among its training processes."""
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+                      // per_machine - 1))
 
 
 def _progress_callback():
