@@ -29,10 +29,6 @@ class ClipFilter(DualEncoderFilter):
     default_scores = ("clip",)
     default_keep = ("clip>=0.28",)  # LAION-400M's threshold (for ViT-B/32)
 
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Token ids as the plain call makes them: `truncation=True`, to the model's 77 positions."""
-        return self.processor.tokenizer(texts, truncation=True, max_length=self.text_max_tokens)["input_ids"]
-
     def pooled_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)
 

@@ -38,6 +38,9 @@ class DualEncoderFilter(ProcessorImageInput, Filter):
     role = "filter"
     model_class: ClassVar[type[PreTrainedModel]]
     model_types: ClassVar[tuple[str, ...]]
+    # Whether texts are padded to the text tower's length, as the family's checkpoints were trained (SigLIP),
+    # rather than to the longest of a pass.
+    pad_to_max_length: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -72,10 +75,11 @@ class DualEncoderFilter(ProcessorImageInput, Filter):
         self.own_passes = True  # each image and each distinct text encoded once; else the plain call per pass
         self._check_passes()
 
-    # What a family defines.
-    @abstractmethod
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Token ids as the plain call makes them."""
+        """Token ids as the plain call makes them, before padding: truncated to the text tower's positions."""
+        return self.processor.tokenizer(texts, truncation=True, max_length=self.text_max_tokens)["input_ids"]
+
+    # What a family defines.
 
     @abstractmethod
     def pair_scores(self, cosines: torch.Tensor) -> torch.Tensor:
@@ -116,9 +120,9 @@ class DualEncoderFilter(ProcessorImageInput, Filter):
         self.own_passes = checked(f"capfilt's own {self.model_class.__name__} passes", self.role, self.model_id, check)
 
     def padded(self, token_ids: list[list[int]]) -> dict[str, torch.Tensor]:
-        """`token_ids` padded on the right to the longest of them (with their attention mask where the tokenizer
-        gives one), on the device."""
-        length = max(len(ids) for ids in token_ids)
+        """`token_ids` padded on the right to the longest of them, or to the text tower's length (with their
+        attention mask where the tokenizer gives one), on the device."""
+        length = self.text_max_tokens if self.pad_to_max_length else max(len(ids) for ids in token_ids)
         input_ids = torch.tensor([ids + [self.pad_token_id] * (length - len(ids)) for ids in token_ids])
         tokens = {"input_ids": input_ids.to(self.device)}
         if self.uses_attention_mask:
