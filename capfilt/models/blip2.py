@@ -1,4 +1,14 @@
-"""BLIP-2 filter: the image-text matching probability and the contrastive similarity of BLIP-2's Q-Former, for
+"""BLIP-2 captioner and filter.
+
+The captioner writes the captions of transformers `Blip2ForConditionalGeneration` checkpoints with an OPT or a
+Flan-T5 language model (Salesforce/blip2-opt-2.7b, Salesforce/blip2-flan-t5-xl, a local directory): beam search,
+or nucleus sampling keyed per sample (capfilt.models.sampling). They equal `model.generate(pixel_values=...,
+input_ids=...)` with the same settings, tested token for token. Each image goes through one vision and Q-Former
+pass for all its beams or sampled captions, where the library's call would run it once per sampled caption; the
+language model then runs through the library's own generate(). When a model loads, this pass is checked against
+the library's call on a probe; a release where they differ gets the library's call instead.
+
+The filter: the image-text matching probability and the contrastive similarity of BLIP-2's Q-Former, for
 transformers `Blip2ForImageTextRetrieval` checkpoints (Salesforce/blip2-itm-vit-g, Salesforce/blip2-itm-vit-g-coco,
 a local directory) with their own processor.
 
@@ -20,17 +30,29 @@ call instead.
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoProcessor, Blip2ForImageTextRetrieval
+import transformers
+from transformers import (
+    AutoProcessor,
+    Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from capfilt.errors import ModelLoadError
-from capfilt.models.base import Filter
-from capfilt.models.fast_paths import checked, close
+from capfilt.models.base import Captioner, DecodingSettings, Filter
+from capfilt.models.fast_paths import checked, close, same_tokens
 from capfilt.models.image_input import ProcessorImageInput
 from capfilt.models.loading import load_pretrained
-from capfilt.models.registry import register_filter
+from capfilt.models.registry import register_captioner, register_filter
+from capfilt.models.sampling import KeyedGumbelNoise, sample_seed
 from capfilt.scores import Score
 
 ITM, ITC = "blip2_itm", "blip2_itc"
@@ -48,6 +70,172 @@ def passes(lengths: list[int], size: int) -> list[list[int]]:
     pass."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     return [order[start : start + size] for start in range(0, len(order), size)]
+
+
+@register_captioner("blip-2")
+class Blip2Captioner(ProcessorImageInput, Captioner):
+    """BLIP-2's captions, as `Blip2ForConditionalGeneration.generate` writes them with an OPT or a Flan-T5 language
+    model.
+
+    The language model's input is what the processor makes of the prompt: `num_query_tokens` image tokens, whose
+    embeddings the projected Q-Former outputs replace, then the prompt with the tokenizer's special tokens (OPT's
+    bos before it, T5's `</s>` after). OPT continues the prompt, and the caption is what follows it; Flan-T5 reads
+    the prompt in its encoder, and the caption is all its decoder writes.
+
+    `max_length` and `min_length` count tokens as they do for BLIP, the way Hugging Face counts the language
+    model's own sequence, prompt included where that sequence holds it, BLIP-2's image tokens not: for OPT, bos +
+    prompt + caption (generate() counts the `num_query_tokens` image tokens before them too, so they are added to
+    the lengths passed to it); for Flan-T5, the decoder's start token + caption, as generate() counts them.
+    """
+
+    role = "captioner"
+
+    def __init__(
+        self, model_id: str, settings: DecodingSettings, device: str, dtype: torch.dtype, sdpa: bool = True
+    ) -> None:
+        self.model_id = model_id
+        self.settings = settings
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.processor = load_pretrained(AutoProcessor, model_id, self.role)
+        # The library's default attention is the plain call's; --eager-attention asks for its matmul-softmax one.
+        attention = {} if sdpa else {"attn_implementation": "eager"}
+        self.model, loading = load_pretrained(Blip2ForConditionalGeneration, model_id, self.role, dtype=dtype,
+                                              output_loading_info=True, **attention)
+        config = self.model.config
+        # A BLIP-2 retrieval checkpoint (blip2-itm-vit-g) has the same model_type but no language model or
+        # projection: loaded as a captioner, they would be random and write noise.
+        if loading["missing_keys"]:
+            missing = sorted(loading["missing_keys"])
+            raise ModelLoadError(f"the {self.role} {model_id} lacks BLIP-2's language model weights "
+                                 f"({len(missing)} missing, e.g. {missing[0]}); use a checkpoint of "
+                                 f"Blip2ForConditionalGeneration such as Salesforce/blip2-opt-2.7b")
+        # generate() puts the projected queries only at the input's image tokens: without their id it fails (5.24:
+        # 'bool' object has no attribute 'unsqueeze'), leaving no library call to caption with or check against.
+        if config.image_token_index is None:
+            raise ModelLoadError(f"the {self.role} {model_id} names no image token (image_token_index), where "
+                                 f"transformers {transformers.__version__} puts BLIP-2's query outputs; use a "
+                                 f"checkpoint converted with them, as the hub's Salesforce/blip2-* are")
+        self.model.to(self.device).eval()
+        self.input_ids = self._input_ids()
+        decoder_only = not config.text_config.is_encoder_decoder
+        # Where the caption starts in generate()'s output: after a decoder-only model's input, after an
+        # encoder-decoder's start token.
+        self.caption_start = self.input_ids.shape[1] if decoder_only else 1
+        # The tokens generate() counts in its lengths and capfilt's do not: the image tokens of a decoder-only input.
+        self.uncounted = config.num_query_tokens if decoder_only else 0
+        self.own_passes = True  # one vision and Q-Former pass per image; else the library's generate()
+        self._check_passes()
+
+    def _input_ids(self) -> torch.Tensor:
+        """The language model's input tokens, a batch of one, as the processor makes them for the prompt. The
+        prompt's trailing whitespace is dropped: BLIP's default prompt ends in a space, which BERT ignores but
+        OPT's byte-level BPE would make a token of its own, never seen before a word in its training."""
+        config = self.model.config
+        prompt = self.processor.tokenizer(self.settings.prompt.rstrip())["input_ids"]
+        return torch.tensor([[config.image_token_index] * config.num_query_tokens + prompt], device=self.device)
+
+    def _check_passes(self) -> None:
+        """Our pass against the library's generate() on a probe: two pictures (the probe and its mirror image), so
+        that a caption written for the wrong picture shows."""
+        probe = self.probe_pixels()
+        pixels = self.to_device(torch.cat([probe, probe.flip(-1)]))
+        keys, settings = ["probe", "mirrored probe"], self._probe_settings()
+        with torch.inference_mode():
+            try:
+                expected = self._sequences(pixels, keys, settings, own_passes=False)
+            except Exception as error:
+                raise self.unusable(error) from error
+
+        @torch.inference_mode()
+        def check() -> None:
+            same_tokens(self._sequences(pixels, keys, settings, own_passes=True), expected)
+
+        self.own_passes = checked("capfilt's own BLIP-2 vision pass", self.role, self.model_id, check)
+
+    def _probe_settings(self) -> DecodingSettings:
+        """The run's decoding settings cut to a few new tokens and, when sampling, one caption per picture: then
+        both paths run the vision tower on the same batch, and agree to the bit."""
+        s = self.settings
+        max_length = min(s.max_length, self.caption_start - self.uncounted + 4)
+        num_captions = s.num_captions if s.method == "beam" else 1
+        return replace(s, max_length=max_length, min_length=min(s.min_length, max_length), num_captions=num_captions)
+
+    @torch.inference_mode()
+    def caption_pixels(self, pixels: torch.Tensor, keys: list[str]) -> list[list[str]]:
+        """generate()'s captions with the image encoded once for all of its beams or sampled captions, and keyed
+        sampling; the prompt is cut off by position (the tokens after the input), not by its text."""
+        s = self.settings
+        sequences = self._sequences(self.to_device(pixels), keys, s, self.own_passes)
+        texts = self.processor.tokenizer.batch_decode(sequences[:, self.caption_start :], skip_special_tokens=True)
+        n = s.num_captions
+        return [[text.strip() for text in texts[i * n : (i + 1) * n]] for i in range(len(keys))]
+
+    def _sequences(
+        self, pixels: torch.Tensor, keys: list[str], s: DecodingSettings, own_passes: bool
+    ) -> torch.Tensor:
+        """Token sequences as generate() returns them, `s.num_captions` rows per image: from one vision and
+        Q-Former pass per image (`own_passes`), or from the library's generate()."""
+        decoding: dict[str, object] = {
+            "max_length": s.max_length + self.uncounted, "min_length": s.min_length + self.uncounted,
+            "repetition_penalty": s.effective_repetition_penalty, "num_beams": s.num_beams, "do_sample": False,
+        }
+        rows = 1
+        if s.method == "beam":
+            decoding["num_return_sequences"] = s.num_captions
+        else:  # nucleus sampling: one row per caption, each decoded greedily over its own keyed noise
+            seeds = [sample_seed(s.seed, key, j) for key in keys for j in range(s.num_captions)]
+            decoding["logits_processor"] = LogitsProcessorList([*self._warpers(s), KeyedGumbelNoise(seeds)])
+            rows = s.num_captions
+        if not own_passes:
+            return self._library_generate(pixels.repeat_interleave(rows, dim=0), **decoding)
+        return self._generate(self._language_inputs(pixels).repeat_interleave(rows, dim=0), **decoding)
+
+    def _language_inputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Each image's projected Q-Former outputs (images, queries, language model width): generate()'s vision
+        tower, Q-Former and projection."""
+        model = self.model
+        image_embeds = model.vision_model(pixel_values=pixels).last_hidden_state
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        query_tokens = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        query_output = model.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds,
+                                     encoder_attention_mask=image_mask).last_hidden_state
+        # A Q-Former kept in float32 (the model's `_keep_in_fp32_modules`) hands on in the vision tower's dtype.
+        return model.language_projection(query_output.to(image_embeds.dtype))
+
+    def _generate(self, language_inputs: torch.Tensor, **decoding: object) -> torch.Tensor:
+        """What generate() does after its Q-Former pass: the input's embeddings with each row's projected queries
+        in place of its image tokens, then the language model's generate(); a decoder-only model also gets the
+        input's tokens, which lead its output."""
+        model = self.model
+        input_ids = self.input_ids.repeat(language_inputs.shape[0], 1)
+        inputs_embeds = model.get_input_embeddings()(input_ids)
+        image_mask = (input_ids == model.config.image_token_index).unsqueeze(-1)
+        inputs_embeds = inputs_embeds.masked_scatter(image_mask, language_inputs.to(inputs_embeds.dtype))
+        inputs = {"inputs_embeds": inputs_embeds, "attention_mask": torch.ones_like(input_ids)}
+        if not model.config.text_config.is_encoder_decoder:
+            inputs["input_ids"] = input_ids
+        return model.language_model.generate(**inputs, **decoding)
+
+    def _library_generate(self, pixels: torch.Tensor, **decoding: object) -> torch.Tensor:
+        """The library's call, one row per image of `pixels`: the reference of our pass, and the path left when it
+        differs from it."""
+        input_ids = self.input_ids.repeat(pixels.shape[0], 1)
+        return self.model.generate(pixel_values=pixels, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                   **decoding)
+
+    def _warpers(self, s: DecodingSettings) -> list[LogitsProcessor]:
+        """The filters `generate(do_sample=True)` would apply, as BLIP's captioner takes them: the language model's
+        temperature and top-k (its generation config is the one generate() reads), our top-p."""
+        generation = self.model.language_model.generation_config
+        warpers: list[LogitsProcessor] = []
+        if generation.temperature is not None and generation.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(generation.temperature))
+        if generation.top_k:
+            warpers.append(TopKLogitsWarper(generation.top_k))
+        if s.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(s.top_p))
+        return warpers
 
 
 @register_filter("blip-2")
