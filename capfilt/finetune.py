@@ -312,11 +312,13 @@ def show_figures(rows: list[dict[str, float]]) -> None:
 
 
 class PairDataset:
-    """Pairs as the model's inputs: the image through the checkpoint's image processor, the caption's text."""
+    """Pairs as the model's inputs: the image through capfilt's decoder and the preprocessing runs use (the
+    checkpoint's image processor, or capfilt's table-driven path where it gives the very same tensor), the
+    caption's text."""
 
-    def __init__(self, images: list[bytes], texts: list[str], image_ids: list[int], image_processor) -> None:
+    def __init__(self, images: Sequence, texts: list[str], image_ids: list[int], preprocess) -> None:
         self.images, self.texts, self.image_ids = images, texts, image_ids
-        self.image_processor = image_processor
+        self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.images)
@@ -324,8 +326,7 @@ class PairDataset:
     def __getitem__(self, index: int) -> dict[str, Any]:
         from capfilt.decode import DEFAULT_MAX_PIXELS, decode_image
 
-        image = decode_image(self.images[index], DEFAULT_MAX_PIXELS)
-        pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        pixels = self.preprocess(decode_image(self.images[index], DEFAULT_MAX_PIXELS))
         return {"pixel_values": pixels, "text": self.texts[index], "image_id": self.image_ids[index]}
 
 
@@ -485,6 +486,7 @@ def _train(settings: FinetuneSettings, pairs: Pairs, held_out_pairs: Pairs | Non
     from capfilt.evaluation import HeldOut, evaluate_captioner, evaluate_filter
     from capfilt.models.blip_training import FilterLoss, FilterLosses, captioner_loss, prompt_length
     from capfilt.models.loading import load_pretrained
+    from capfilt.models.preprocess import choose_preprocess
 
     if quiet:
         transformers_logging.set_verbosity_error()
@@ -516,9 +518,11 @@ def _train(settings: FinetuneSettings, pairs: Pairs, held_out_pairs: Pairs | Non
         raise ConfigError("--eval-fraction leaves no pair to train on")
     held_out = HeldOut.from_pairs(held_out_pairs.images, held_out_pairs.captions) if held_out_pairs.images else None
 
+    preprocess = choose_preprocess(processor.image_processor, role, settings.model)
+
     def dataset(chosen: Pairs) -> PairDataset:
         texts = [settings.prompt + caption for caption in chosen.captions] if role == "captioner" else chosen.captions
-        return PairDataset(chosen.images, texts, image_ids(chosen.images), processor.image_processor)
+        return PairDataset(chosen.images, texts, image_ids(chosen.images), preprocess)
 
     class FinetuneTrainer(Trainer):
         """BLIP's losses in place of the model's own: the captioner's LM loss, the filter's ITC + ITM.
