@@ -484,7 +484,13 @@ def _train(settings: FinetuneSettings, pairs: Pairs, held_out_pairs: Pairs | Non
     from transformers.utils import logging as transformers_logging
 
     from capfilt.evaluation import HeldOut, evaluate_captioner, evaluate_filter
-    from capfilt.models.blip_training import FilterLoss, FilterLosses, captioner_loss, prompt_length
+    from capfilt.models.blip_training import (
+        FilterLoss,
+        FilterLosses,
+        captioner_loss,
+        prompt_length,
+        release_loss_group,
+    )
     from capfilt.models.loading import load_pretrained
     from capfilt.models.preprocess import choose_preprocess
 
@@ -607,8 +613,7 @@ def _train(settings: FinetuneSettings, pairs: Pairs, held_out_pairs: Pairs | Non
         dataloader_persistent_workers=not on_cpu,
         # Both losses use every parameter; looking for unused ones costs a pass over the graph each step.
         ddp_find_unused_parameters=False,
-        # BLIP's recipe for ViT-L: recompute activations in the backward pass rather than keep them.
-        gradient_checkpointing=model.config.vision_config.hidden_size >= LARGE_VISION_HIDDEN,
+        **checkpointing(model.config.vision_config.hidden_size >= LARGE_VISION_HIDDEN),
     )
     trainer = FinetuneTrainer(
         model=model,
@@ -645,6 +650,7 @@ def _train(settings: FinetuneSettings, pairs: Pairs, held_out_pairs: Pairs | Non
         # Every process waits for the model to be saved, then leaves the group: one exiting while another
         # still works can abort it.
         torch.distributed.barrier()
+        release_loss_group()
         torch.distributed.destroy_process_group()
     if not main_process:
         return record
@@ -663,6 +669,18 @@ def _train(settings: FinetuneSettings, pairs: Pairs, held_out_pairs: Pairs | Non
     losses = ", ".join(f"{loss:.4f}" for loss in record["train_loss"])
     logger.info("fine-tuned %s saved to %s; loss per epoch: %s", role, out, losses)
     return record
+
+
+def checkpointing(wanted: bool) -> dict[str, bool]:
+    """BLIP's recipe for ViT-L: recompute activations in the backward pass rather than keep them. The
+    TrainingArguments field is `activation_checkpointing` from transformers 5.24 (`gradient_checkpointing`, now
+    deprecated, before); only asked for when wanted."""
+    from transformers import TrainingArguments
+
+    if not wanted:
+        return {}
+    fields = TrainingArguments.__dataclass_fields__
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": True}
 
 
 def loader_workers() -> int:

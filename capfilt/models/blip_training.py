@@ -11,6 +11,7 @@ ITM reads the text's first token as the tokenizer gives it, exactly as `BlipForI
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -146,6 +147,22 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
+@functools.cache
+def _loss_group() -> torch.distributed.ProcessGroup:
+    """A process group of the loss's own: its collectives, some in the backward pass, must not interleave with
+    the gradient all-reduces DDP issues on the default group while the backward pass runs, whose order relative
+    to them can differ between processes (a collective matched with another hangs). Created by every process at
+    its first gather, which they all reach together."""
+    return torch.distributed.new_group(backend=torch.distributed.get_backend())
+
+
+def release_loss_group() -> None:
+    """Forget the loss's group, before the process group it belongs to is destroyed."""
+    if _loss_group.cache_info().currsize:
+        torch.distributed.destroy_process_group(_loss_group())
+    _loss_group.cache_clear()
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """BLIP's `GatherLayer`: all-gather forward; backward sums each part's gradient over the processes (each
     used every part in its loss) and hands every process the sum for its own part."""
@@ -153,13 +170,13 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
         parts = [torch.empty_like(tensor) for _ in range(world_size())]
-        torch.distributed.all_gather(parts, tensor.contiguous())
+        torch.distributed.all_gather(parts, tensor.contiguous(), group=_loss_group())
         return tuple(parts)
 
     @staticmethod
     def backward(ctx, *gradients: torch.Tensor) -> torch.Tensor:
         summed = torch.stack(gradients)
-        torch.distributed.all_reduce(summed)
+        torch.distributed.all_reduce(summed, group=_loss_group())
         return summed[torch.distributed.get_rank()]
 
 
@@ -176,10 +193,10 @@ def gather_padded(tensor: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.T
     if world_size() == 1:
         return tensor, tensor
     longest = torch.tensor(tensor.shape[1], device=tensor.device)
-    torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX, group=_loss_group())
     padded = F.pad(tensor, (0, int(longest) - tensor.shape[1]), value=pad)
     parts = [torch.empty_like(padded) for _ in range(world_size())]
-    torch.distributed.all_gather(parts, padded)
+    torch.distributed.all_gather(parts, padded, group=_loss_group())
     return padded, torch.cat(parts)
 
 
