@@ -26,7 +26,7 @@ def test_two_processes_train_one_model_on_halves_of_each_batch(role, tiny_models
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "capfilt", "finetune",
                role, str(tmp_path / "in"), str(tmp_path / "out"), "--from", source, "--epochs", "2",
                "--batch-size", "2", "--eval-fraction", "0.25", "--seed", "3", "--device", "cpu", "--quiet"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
 
     record = json.loads((tmp_path / "out" / "finetune.json").read_text())
