@@ -11,7 +11,7 @@ from transformers import AutoConfig
 
 from capfilt.errors import ModelLoadError
 from capfilt.log import logger
-from capfilt.models import blip, blip2, clip, siglip, vlm  # noqa: F401  (each registers its family)
+from capfilt.models import blip, blip2, clip, siglip, siglip2, vlm  # noqa: F401  (each registers its family)
 from capfilt.models.base import Captioner, DecodingSettings, Filter
 from capfilt.models.loading import load_pretrained
 from capfilt.models.registry import CAPTIONERS, FILTERS
