@@ -124,17 +124,21 @@ def test_every_shipped_preset_is_a_valid_recipe():
     from capfilt.models.blip import BlipFilter
     from capfilt.models.blip2 import Blip2Filter
     from capfilt.models.clip import ClipFilter
+    from capfilt.models import filter_family
     from capfilt.models.siglip import SiglipFilter
     from capfilt.presets import available_presets, load_preset
 
     def family(model: str) -> type:
-        """The family of a hub checkpoint a preset names (their configs cannot be read offline)."""
+        """The family of a hub checkpoint a preset names (their configs cannot be read offline; a family
+        prefix is read without any file)."""
+        if ":" in model:
+            return filter_family(model)
         for marker, found in (("siglip", SiglipFilter), ("clip", ClipFilter), ("blip2", Blip2Filter)):
             if marker in model:
                 return found
         return BlipFilter
 
-    assert {"blip-large", "blip-base", "laion-clip", "laion-coco", "demo", "blip2", "siglip"} <= set(
+    assert {"blip-large", "blip-base", "laion-clip", "laion-coco", "demo", "blip2", "siglip", "datacomp"} <= set(
         available_presets())
     for name in available_presets():
         preset = load_preset(name)

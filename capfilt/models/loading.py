@@ -6,8 +6,10 @@ see at once, in one line, that the id cannot be fetched and that a local path wo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -64,3 +66,19 @@ def load_pretrained(cls: Any, model_id: str, role: str, **kwargs: Any) -> Any:
         return cls.from_pretrained(model_id, local_files_only=not hub_reachable(), **kwargs)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load the {role} '{model_id}': {first_line(error)}") from error
+
+
+@contextlib.contextmanager
+def offline_unless_hub_reachable() -> Iterator[bool]:
+    """For libraries that fetch from the Hub without a `local_files_only` (open_clip): where the Hub is
+    unreachable, their downloads are answered from the local cache at once instead of retried for minutes.
+    Yields whether the Hub is reachable."""
+    if hub_reachable():
+        yield True
+        return
+    offline = constants.HF_HUB_OFFLINE  # read by huggingface_hub on each download
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield False
+    finally:
+        constants.HF_HUB_OFFLINE = offline
