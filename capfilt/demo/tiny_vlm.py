@@ -7,7 +7,7 @@ language model) saved with `save_pretrained`, and an `Idefics3Processor` holding
 give different numbers of image tokens) and a real byte-level BPE `GPT2Tokenizer` (as SmolVLM's) over a small
 vocabulary with Idefics3's special tokens, and SmolVLM's chat template.
 
-Qwen2-VL is not built here: its processor requires a video processor, which needs torchvision.
+Qwen2-VL, Qwen2.5-VL, PaliGemma and Florence-2 are built in capfilt.demo.tiny_vlms.
 """
 
 from __future__ import annotations
