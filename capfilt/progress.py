@@ -135,6 +135,8 @@ def summary_table(summary: RunSummary, samples_this_run: int | None = None) -> T
         rate = done / summary.seconds if summary.seconds else 0.0
         rows.append(("seconds (images/s)", f"{summary.seconds:.1f} ({rate:.1f})"))
     rows += [(f"  rejected: {reason}", count) for reason, count in summary.reject_reasons.items()]
+    rows += [(f"  {name}: captions truncated to the filter's text limit", count)
+             for name, count in summary.captions_truncated.items()]
     for name, quantiles in summary.score_quantiles.items():
         rows.append((f"{name} score quantiles", "  ".join(f"{q} {v:.3f}" for q, v in quantiles.items())))
     rows += [(f"  failed shard {name}", error) for name, error in summary.failed_shards.items()]

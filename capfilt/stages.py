@@ -123,9 +123,12 @@ class ScoreStage(ModelStage):
             return batch
         texts = [list(dict.fromkeys(c.text for c in s.captions())) for s in scorable]
         results = self.filter.score_pixels(stack_pixels(scorable, self.filter), texts, list(self.scores))
+        truncated = sum(self.filter.truncated([text for sample_texts in texts for text in sample_texts]))
         for family_name, score in self.scores.items():
             stats.add_scores(score.name, [pair[family_name] for pairs in results for pair in pairs],
                              score.low, score.high)
+            if truncated:
+                stats.captions_truncated[score.name] = stats.captions_truncated.get(score.name, 0) + truncated
         for sample, sample_texts, sample_scores in zip(scorable, texts, results):
             by_text = dict(zip(sample_texts, sample_scores))
             if sample.web_caption is not None:

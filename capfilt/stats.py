@@ -28,11 +28,13 @@ class Counts:
     synthetic_captions_added: int = 0  # distinct texts per image
     duplicate_captions: int = 0  # synthetic captions that repeated one the captioner had given the image
     captions_scored: int = 0
+    # By score: captions longer than the filter's text limit (CLIP: 77 tokens), scored on their start.
+    captions_truncated: dict[str, int] = field(default_factory=dict)
     captions_kept: int = 0
     web_captions_kept: int = 0
 
 
-COUNT_FIELDS = [f.name for f in fields(Counts) if f.name != "reject_reasons"]
+COUNT_FIELDS = [f.name for f in fields(Counts) if f.name not in ("reject_reasons", "captions_truncated")]
 
 
 @dataclass
@@ -86,12 +88,14 @@ class RunSummary(Counts):
     def merge(cls, shard_stats: list[ShardStats], seconds: float) -> RunSummary:
         summary = cls(shards=len(shard_stats), seconds=round(seconds, 3))
         reasons: Counter[str] = Counter()
+        truncated: Counter[str] = Counter()
         histograms: dict[str, np.ndarray] = {}
         ranges: dict[str, tuple[float, float]] = {}
         for stats in shard_stats:
             for name in COUNT_FIELDS:
                 setattr(summary, name, getattr(summary, name) + getattr(stats, name))
             reasons.update(stats.reject_reasons)
+            truncated.update(stats.captions_truncated)
             for name, (low, high) in stats.score_ranges.items():
                 ranges[name] = (low, high)
             for kind, sparse in stats.histograms.items():
@@ -101,6 +105,7 @@ class RunSummary(Counts):
             if stats.error:
                 summary.failed_shards[stats.shard] = stats.error
         summary.reject_reasons = dict(sorted(reasons.items()))
+        summary.captions_truncated = dict(truncated)
         summary.score_quantiles = {
             name: histogram_quantiles(counts, *ranges[name]) for name, counts in histograms.items() if name in ranges
         }

@@ -95,3 +95,18 @@ def test_bootstrap_with_a_blip_captioner_and_a_siglip_filter(tiny_models, tiny_s
         records = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
     assert all(0 <= caption["siglip_score"] <= 1 for record in records for caption in record["synthetic_captions"])
     assert any(record.get("web_siglip_score") is not None for record in records)
+
+
+def test_captions_longer_than_the_text_tower_are_counted_as_truncated(tiny_siglip, tmp_path):
+    """The tiny SigLIP reads 16 tokens (the released ones 64): a longer web caption is scored on its start, and
+    the run's stats say how many were."""
+    items = shape_items(4)
+    for index, caption in ((0, LONG_CAPTION), (1, "a red circle")):
+        items[index] = (items[index][0], items[index][1], caption, items[index][3])
+    write_webdataset_shards(tmp_path / "in", items, samples_per_shard=4)
+    summary = capfilt.run(str(tmp_path / "in"), str(tmp_path / "out"), "filter", filter=[tiny_siglip], batch_size=4,
+                          device="cpu", dtype="fp32", mode="annotate")
+    assert summary.captions_truncated == {"siglip": 1}
+    assert json.loads((tmp_path / "out" / "capfilt_summary.json").read_text())["captions_truncated"] == {"siglip": 1}
+    shard_stats = json.loads((tmp_path / "out" / "00000_stats.json").read_text())
+    assert shard_stats["captions_truncated"] == {"siglip": 1}

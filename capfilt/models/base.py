@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Collection
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -75,3 +75,13 @@ class Filter(ImageModel):
         self, images: list[Image.Image], captions: list[list[str]], names: Collection[str]
     ) -> list[list[dict[str, float]]]:
         return self.score_pixels(self.preprocess_all(images), captions, names)
+
+    def truncated(self, texts: list[str]) -> list[bool]:
+        """Whether each text is longer than the family's text limit, so that it is scored on its start, cut as
+        the family's tokenizer cuts it. A family with no limit truncates nothing."""
+        return [False] * len(texts)
+
+
+def longer_than(tokenizer: Any, texts: list[str], limit: int) -> list[bool]:
+    """Whether each text is more than `limit` tokens (special tokens included) for a transformers tokenizer."""
+    return [len(ids) > limit for ids in tokenizer(texts, verbose=False)["input_ids"]]

@@ -24,7 +24,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from capfilt.models.base import Captioner, DecodingSettings, Filter
+from capfilt.models.base import Captioner, DecodingSettings, Filter, longer_than
 from capfilt.models.blip_decoding import BlipDecoder
 from capfilt.models.fast_attention import PairImageCache, cache_argument, use_library_attention, use_sdpa
 from capfilt.models.fast_paths import checked, close, failure, same_tokens
@@ -287,6 +287,9 @@ class BlipFilter(ProcessorImageInput, Filter):
         two = {name: values[:2] for name, values in tokens.items()}  # one of each caption
         cosines = self.model(**two, pixel_values=pixels, use_itm_head=False).itm_score.float()  # (images, texts)
         return torch.stack([itm, cosines[[0, 0, 1], [0, 1, 1]]])
+
+    def truncated(self, texts: list[str]) -> list[bool]:
+        return longer_than(self.processor.tokenizer, texts, self.text_max_tokens)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids as the reference call makes them, truncated to the filter's text length (BLIP: 35)."""

@@ -47,7 +47,7 @@ from transformers import (
 )
 
 from capfilt.errors import ModelLoadError
-from capfilt.models.base import Captioner, DecodingSettings, Filter
+from capfilt.models.base import Captioner, DecodingSettings, Filter, longer_than
 from capfilt.models.fast_paths import checked, close, same_tokens
 from capfilt.models.image_input import ProcessorImageInput
 from capfilt.models.loading import load_pretrained
@@ -287,6 +287,9 @@ class Blip2Filter(ProcessorImageInput, Filter):
                                    self.model.config.qformer_config.max_position_embeddings)
         self.own_passes = True  # each image and each distinct text encoded once; else the plain call per pass
         self._check_passes()
+
+    def truncated(self, texts: list[str]) -> list[bool]:
+        return longer_than(self.processor.tokenizer, texts, self.text_max_tokens)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids as the processor makes them, before padding and the image tokens: truncated to the

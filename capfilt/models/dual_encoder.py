@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoProcessor, PreTrainedModel
 
 from capfilt.errors import ModelLoadError
-from capfilt.models.base import Filter
+from capfilt.models.base import Filter, longer_than
 from capfilt.models.fast_paths import checked, close
 from capfilt.models.image_input import ProcessorImageInput
 from capfilt.models.loading import load_pretrained
@@ -74,6 +74,9 @@ class DualEncoderFilter(ProcessorImageInput, Filter):
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.own_passes = True  # each image and each distinct text encoded once; else the plain call per pass
         self._check_passes()
+
+    def truncated(self, texts: list[str]) -> list[bool]:
+        return longer_than(self.processor.tokenizer, texts, self.text_max_tokens)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids as the plain call makes them, before padding: truncated to the text tower's positions."""

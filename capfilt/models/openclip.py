@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from capfilt.errors import ModelLoadError
-from capfilt.models.base import Filter
+from capfilt.models.base import Filter, longer_than
 from capfilt.models.loading import first_line, offline_unless_hub_reachable
 from capfilt.models.registry import register_filter
 from capfilt.scores import Score
@@ -147,6 +147,14 @@ class OpenClipFilter(Filter):
             result.append([{name: value} for value in values[offset : offset + len(image_texts)]])
             offset += len(image_texts)
         return result
+
+    def truncated(self, texts: list[str]) -> list[bool]:
+        """Texts longer than the text tower's context (77 tokens for CLIPs), which the tokenizer cuts."""
+        limit = self.tokenizer.context_length
+        wrapped = getattr(self.tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers one
+        if wrapped is not None:
+            return longer_than(wrapped, texts, limit)
+        return [len(self.tokenizer.encode(text)) + 2 > limit for text in texts]  # CLIP's BPE: + start and end
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """L2-normalised `encode_image` embeddings in float32: one vision pass for the batch."""
