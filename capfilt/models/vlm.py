@@ -13,7 +13,8 @@ transformers' own classes and `save_pretrained` (capfilt.demo.tiny_vlm, capfilt.
   the model_type): tests/test_vlm_families.py, with or without torchvision.
 - Florence-2, model_type florence2 (`Florence2Captioner`): transformers' native port (e.g.
   florence-community/Florence-2-base); tests/test_vlm_families.py, with or without torchvision. The original
-  microsoft/Florence-2-* repositories ship remote code under another model_type and are not supported.
+  microsoft/Florence-2-* repositories are remote code (trust_remote_code) in another layout, which transformers'
+  native class is not meant to load; use the converted florence-community ones (not checked here: no network).
 
 Each is tested against the library's own generate() on the same inputs, for beam search and for keyed nucleus
 sampling, and end to end in a bootstrap run with a BLIP filter. Not registered: any other image-text-to-text
@@ -278,7 +279,7 @@ class PaliGemmaCaptioner(FixedSizeVlmCaptioner):
 @register_captioner("florence2")
 class Florence2Captioner(FixedSizeVlmCaptioner):
     """Florence-2 (transformers' native `Florence2ForConditionalGeneration`, e.g. florence-community/Florence-2-base;
-    the older microsoft/Florence-2-* checkpoints need trust_remote_code and another model_type): an
+    not the remote-code microsoft/Florence-2-* checkpoints): an
     encoder-decoder taking a task token, "<CAPTION>" by default ("<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>"
     also caption), which the processor turns into its question and wraps in `<image>...<s>...</s>`. Captions are the
     decoder's tokens decoded without special tokens and stripped, which for the caption tasks is exactly what
