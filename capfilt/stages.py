@@ -6,6 +6,7 @@ bootstrap and select are that list with parts left out (select: the keep rules a
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections import Counter
 from concurrent.futures import Executor
@@ -125,8 +126,10 @@ class ScoreStage(ModelStage):
         results = self.filter.score_pixels(stack_pixels(scorable, self.filter), texts, list(self.scores))
         truncated = sum(self.filter.truncated([text for sample_texts in texts for text in sample_texts]))
         for family_name, score in self.scores.items():
-            stats.add_scores(score.name, [pair[family_name] for pairs in results for pair in pairs],
-                             score.low, score.high)
+            per_image = [[pair[family_name] for pair in pairs] for pairs in results]
+            web = [values[0] for sample, values in zip(scorable, per_image) if sample.web_caption is not None]
+            stats.add_scores(score.name, [value for values in per_image for value in values], score.low, score.high,
+                             web=web, best=[best_of(values) for values in per_image])
             if truncated:
                 stats.captions_truncated[score.name] = stats.captions_truncated.get(score.name, 0) + truncated
         for sample, sample_texts, sample_scores in zip(scorable, texts, results):
@@ -141,6 +144,11 @@ class ScoreStage(ModelStage):
 
     def _named(self, values: dict[str, float]) -> dict[str, float]:
         return {score.name: values[family_name] for family_name, score in self.scores.items()}
+
+
+def best_of(values: list[float]) -> float:
+    """The highest of an image's scores (NaN, which no rule keeps, only when all are)."""
+    return max((value for value in values if not math.isnan(value)), default=math.nan)
 
 
 class KeepStage(Stage):

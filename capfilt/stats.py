@@ -1,7 +1,9 @@
 """Per-shard counts and the run summary merged from them (`NAME_stats.json`, `capfilt_summary.json`).
 
-Scores are kept as fixed-bin histograms, so shard stats merge exactly into run-wide quantiles however the
-shards were spread over processes or machines.
+Scores are kept as fixed-bin histograms, so shard stats merge exactly into the run's histograms and quantiles
+however the shards were spread over processes or machines. Three histograms per score: every caption's, the web
+captions' alone (the synthetic captions' is the difference), and each image's best caption's, which tells how
+many images a threshold keeps.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class ShardStats(Counts):
     # Sparse histograms of the scores, {name: {bin index: count}}, over each score's declared range
     # {name: [low, high]}, recorded so that stats merge without knowing the models that computed them.
     histograms: dict[str, dict[str, int]] = field(default_factory=dict)
+    web_histograms: dict[str, dict[str, int]] = field(default_factory=dict)
+    best_histograms: dict[str, dict[str, int]] = field(default_factory=dict)
     score_ranges: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
     # Why the shard failed, in one line: a read error (the samples read before it are processed and counted),
@@ -60,14 +64,12 @@ class ShardStats(Counts):
         self.rejected += 1
         self.reject_reasons[reason] = self.reject_reasons.get(reason, 0) + 1
 
-    def add_scores(self, name: str, scores: list[float], low: float, high: float) -> None:
+    def add_scores(self, name: str, scores: list[float], low: float, high: float, web: list[float] = (),
+                   best: list[float] = ()) -> None:
+        """Every caption's `scores`, the `web` captions' among them, and each image's `best` caption's."""
         self.score_ranges[name] = [low, high]
-        finite = np.asarray(scores, dtype=np.float64)
-        finite = finite[~np.isnan(finite)]
-        counts, _ = np.histogram(np.clip(finite, low, high), bins=HISTOGRAM_BINS, range=(low, high))
-        histogram = self.histograms.setdefault(name, {})
-        for index in np.flatnonzero(counts):
-            histogram[str(index)] = histogram.get(str(index), 0) + int(counts[index])
+        for histograms, values in ((self.histograms, scores), (self.web_histograms, web), (self.best_histograms, best)):
+            add_to_histogram(histograms.setdefault(name, {}), values, low, high)
 
     def record(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,10 +79,32 @@ class ShardStats(Counts):
         return cls(**record)
 
 
+def add_to_histogram(histogram: dict[str, int], values: list[float], low: float, high: float) -> None:
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[~np.isnan(finite)]
+    counts, _ = np.histogram(np.clip(finite, low, high), bins=HISTOGRAM_BINS, range=(low, high))
+    for index in np.flatnonzero(counts):
+        histogram[str(index)] = histogram.get(str(index), 0) + int(counts[index])
+
+
+def dense(sparse: dict[str, int]) -> np.ndarray:
+    counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+    for index, count in sparse.items():
+        counts[int(index)] += count
+    return counts
+
+
 @dataclass
 class RunSummary(Counts):
     shards: int = 0
     score_quantiles: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The shards' histograms summed (sparse, as in ShardStats), and the range of each score.
+    histograms: dict[str, dict[str, int]] = field(default_factory=dict)
+    web_histograms: dict[str, dict[str, int]] = field(default_factory=dict)
+    best_histograms: dict[str, dict[str, int]] = field(default_factory=dict)
+    score_ranges: dict[str, list[float]] = field(default_factory=dict)
+    # Each shard's [read, written, dropped, rejected], so that a report needs no pass over the shards' stats.
+    shard_counts: dict[str, list[int]] = field(default_factory=dict)
     failed_shards: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -89,27 +113,33 @@ class RunSummary(Counts):
         summary = cls(shards=len(shard_stats), seconds=round(seconds, 3))
         reasons: Counter[str] = Counter()
         truncated: Counter[str] = Counter()
-        histograms: dict[str, np.ndarray] = {}
-        ranges: dict[str, tuple[float, float]] = {}
+        merged: dict[str, dict[str, Counter[str]]] = {"histograms": {}, "web_histograms": {}, "best_histograms": {}}
         for stats in shard_stats:
             for name in COUNT_FIELDS:
                 setattr(summary, name, getattr(summary, name) + getattr(stats, name))
             reasons.update(stats.reject_reasons)
             truncated.update(stats.captions_truncated)
-            for name, (low, high) in stats.score_ranges.items():
-                ranges[name] = (low, high)
-            for kind, sparse in stats.histograms.items():
-                counts = histograms.setdefault(kind, np.zeros(HISTOGRAM_BINS, dtype=np.int64))
-                for index, count in sparse.items():
-                    counts[int(index)] += count
+            summary.score_ranges.update(stats.score_ranges)
+            for kind, by_score in merged.items():
+                for name, sparse in getattr(stats, kind).items():
+                    by_score.setdefault(name, Counter()).update(sparse)
+            summary.shard_counts[stats.shard] = [stats.read, stats.written, stats.dropped, stats.rejected]
             if stats.error:
                 summary.failed_shards[stats.shard] = stats.error
         summary.reject_reasons = dict(sorted(reasons.items()))
         summary.captions_truncated = dict(truncated)
-        summary.score_quantiles = {
-            name: histogram_quantiles(counts, *ranges[name]) for name, counts in histograms.items() if name in ranges
-        }
+        for kind, by_score in merged.items():
+            setattr(summary, kind, {name: dict(sorted(counts.items(), key=lambda item: int(item[0])))
+                                    for name, counts in by_score.items()})
+        summary.score_quantiles = {name: histogram_quantiles(dense(sparse), *summary.score_ranges[name])
+                                   for name, sparse in summary.histograms.items() if name in summary.score_ranges}
         return summary
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> RunSummary:
+        """A summary as written; one of an older capfilt lacks the histograms and shard counts."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in record.items() if key in known})
 
     def record(self) -> dict[str, Any]:
         return asdict(self)
