@@ -1,5 +1,5 @@
 """The image-text-to-text captioner family against plain `model.generate(**processor(...))` calls, on a tiny
-random SmolVLM (Idefics3, capfilt.demo.tiny_vlm). The only family tested: idefics3."""
+random SmolVLM (Idefics3, capfilt.demo.tiny_vlm); the other families are in tests/test_vlm_families.py."""
 
 from __future__ import annotations
 
