@@ -78,7 +78,8 @@ def build_config(command: str | Command, input: str, output: str, **options: Any
         settings["filters"] = filters
         settings["extra_scores"] = tuple(name.strip() for name in (o["scores"] or "").split(",") if name.strip())
     if command in (Command.filter, Command.bootstrap, Command.select):
-        settings.update(keep=tuple(keep) if keep else None, keep_best=keep_best, mode=o["mode"])
+        settings.update(keep=tuple(keep) if keep else None, keep_best=keep_best, mode=o["mode"],
+                        keep_dropped=o["keep_dropped"])
     if command is Command.select:
         settings["keep_top"] = tuple(_listed(o["keep_top"]))
     listed = listed_devices(o.get("devices"))
@@ -89,7 +90,7 @@ def build_config(command: str | Command, input: str, output: str, **options: Any
         input_format=o["input_format"], output_format=o["output_format"], caption_column=o["caption_column"],
         image_column=o["image_column"], device=listed[0] if listed else device, dtype=o.get("dtype", "float32"),
         batch_size=o["batch_size"], threads=o.get("threads"), sdpa=not o.get("eager_attention", False),
-        overwrite=o["overwrite"], storage_options=parse_storage_options(o["storage_options"]), devices=listed,
+        overwrite=o["overwrite"], report=o["report"], storage_options=parse_storage_options(o["storage_options"]), devices=listed,
         ray_address=o["ray"], ray_workers=o["ray_workers"], shard_index=index, num_shards=count,
     )
 

@@ -222,6 +222,23 @@ def summary(
         _fail(f"{len(merged.failed_shards)} shard(s) failed: {', '.join(merged.failed_shards)} (see the summary)")
 
 
+@app.command()
+def report(
+    output: Annotated[str, typer.Argument(help="A capfilt output directory.")],
+    destination: Annotated[str | None, typer.Option("--output", "-o", help="Where to write the HTML page.",
+                                                    show_default="OUTPUT/report.html")] = None,
+    storage_options: StorageOptions = None,
+    debug: Debug = False,
+) -> None:
+    """Write one self-contained HTML page of what the filter did: counts, score histograms with the keep rule,
+    what-if curves and sample grids, to choose a threshold by looking."""
+    with reported_errors(debug):
+        from capfilt.report import write_report
+
+        written = write_report(output, destination, parse_storage_options(storage_options))
+    Console().print(f"report written to {written}")
+
+
 finetune_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                            help="Fine-tune a BLIP captioner or filter on human-annotated pairs (BLIP's recipe), "
                            "resumable.")

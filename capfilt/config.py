@@ -136,6 +136,10 @@ class RunConfig:
     # `select` only: NAME:FRACTION, turned into a `NAME>=value` rule over the whole input when planned.
     keep_top: tuple[str, ...] = ()
     mode: FilterMode = FilterMode.drop
+    # Write the dropped samples as shards of their own, in OUT/.dropped/ (hidden: loaders reading OUT skip it).
+    keep_dropped: bool = False
+    # Write OUT/report.html at the end of the run.
+    report: bool = False
     input_format: str | None = None
     output_format: str | None = None
     caption_column: str | None = None

@@ -27,9 +27,12 @@ from capfilt.stats import ShardStats
 RUN_FILE = "capfilt_run.json"
 SUMMARY_FILE = "capfilt_summary.json"
 LOCK_FILE = "capfilt.lock"
+# --keep-dropped's shards: hidden, so that loaders reading the output (webdataset globs, HF datasets, pyarrow) and
+# capfilt's own listings never take them for output shards.
+DROPPED_DIR = ".dropped"
 # Settings that do not change what is written: a resumed run may differ in these.
 NON_OUTPUT_SETTINGS = ("output", "device", "devices", "ray_address", "ray_workers", "shard_index", "num_shards",
-                       "batch_size", "decode_workers", "threads", "overwrite", "capfilt_version")
+                       "batch_size", "decode_workers", "threads", "overwrite", "report", "capfilt_version")
 
 
 class OutputDirectory:
@@ -40,6 +43,10 @@ class OutputDirectory:
 
     def file(self, name: str) -> str:
         return f"{self.path}/{name}"
+
+    @property
+    def dropped_dir(self) -> str:
+        return self.file(DROPPED_DIR)
 
     def side_files(self, shard_name: str) -> dict[str, str]:
         """Paths of a shard's stats, rejects and dropped lists, beside the output shard."""
@@ -96,7 +103,8 @@ class OutputDirectory:
         patterns = [self.file(f"{RUN_FILE}.*.tmp"), self.file(f"{SUMMARY_FILE}.*.tmp")] if whole_run else []
         for shard in shards:
             patterns += self._shard_temporaries(shard)
-        for leftover in self.fs.glob(self.file("*.tmp")):
+        leftovers = self.fs.glob(self.file("*.tmp")) + self.fs.glob(f"{self.dropped_dir}/*.tmp")
+        for leftover in leftovers:
             if any(fnmatch.fnmatchcase(leftover, pattern) for pattern in patterns):
                 self.fs.rm(leftover, recursive=True)
 
@@ -105,8 +113,13 @@ class OutputDirectory:
         self.remove_temporaries([shard])
 
     def _shard_temporaries(self, shard: Shard) -> list[str]:
-        paths = self.format.output_paths(self.path, shard.name) + list(self.side_files(shard.name).values())
+        paths = self.shard_paths(shard)
         return [pattern for path in paths for pattern in (f"{path}.tmp", f"{path}.*.tmp")]
+
+    def shard_paths(self, shard: Shard) -> list[str]:
+        """Everything a run writes for `shard`: its output shard, side files and dropped samples' shard."""
+        return (self.format.output_paths(self.path, shard.name) + list(self.side_files(shard.name).values())
+                + self.format.output_paths(self.dropped_dir, shard.name))
 
     def shard_stats(self, shard: Shard) -> ShardStats | None:
         """The stats a run wrote for `shard` (complete, or failed with an error), or None."""
@@ -132,7 +145,7 @@ class OutputDirectory:
     def _remove_outputs(self, shards: list[Shard], whole_run: bool) -> None:
         paths = [self.file(RUN_FILE), self.file(SUMMARY_FILE)] if whole_run else []
         for shard in shards:
-            paths += self.format.output_paths(self.path, shard.name) + list(self.side_files(shard.name).values())
+            paths += self.shard_paths(shard)
         for path in paths:
             if self.fs.exists(path):
                 self.fs.rm(path, recursive=True)

@@ -120,8 +120,13 @@ class Pipeline:
                         "the output keeps the finished shards and a rerun resumes"
                     )
             summary = RunSummary.merge([done[shard.name] for shard in self.shards], time.perf_counter() - started)
+            summary.keep = list(self.config.keep or ())
             if whole_run:  # a share of a split job leaves the run summary to `capfilt summary`
                 self.output.write_json(self.output.file(SUMMARY_FILE), summary.record())
+                if self.config.report:
+                    from capfilt.report import write_report
+
+                    write_report(self.config.output, storage_options=self.config.storage_options)
         finally:
             if self.runner is not None:
                 self.runner.close()

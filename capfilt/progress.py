@@ -6,6 +6,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Self
 
+import numpy as np
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -21,7 +22,7 @@ from rich.text import Text
 
 from capfilt.observer import Observer
 from capfilt.sample import Reject, Sample
-from capfilt.stats import RunSummary, ShardStats
+from capfilt.stats import HISTOGRAM_BINS, RunSummary, ShardStats, dense, occupied_range
 
 if TYPE_CHECKING:
     from capfilt.formats.base import Shard
@@ -142,7 +143,37 @@ def summary_table(summary: RunSummary, samples_this_run: int | None = None) -> T
     rows += [(f"  failed shard {name}", error) for name, error in summary.failed_shards.items()]
     for what, value in rows:
         table.add_row(what, Text(str(value)))
+    for what, line in histogram_rows(summary):
+        table.add_row(what, Text(line, no_wrap=True, justify="left"))
     return table
+
+
+BLOCKS = " ▁▂▃▄▅▆▇█"
+
+
+def histogram_rows(summary: RunSummary, width: int = 48) -> list[tuple[str, str]]:
+    """A text histogram of the main score (the first rule's, else the first computed) over the range its
+    captions span, and a line marking the rule's threshold."""
+    from capfilt.keep import KeepRule
+
+    rules = [KeepRule.parse(rule) for rule in summary.keep]
+    name = rules[0].score if rules else next(iter(summary.histograms), None)
+    if name is None or name not in summary.histograms or name not in summary.score_ranges:
+        return []
+    low, high = summary.score_ranges[name]
+    counts = dense(summary.histograms[name])
+    rule = next((rule for rule in rules if rule.score == name), None)
+    first, last = occupied_range(counts, low, high, [rule.value] if rule else [])
+    edges = np.linspace(first, last, width + 1).round().astype(int)
+    columns = np.array([counts[a:b].sum() for a, b in zip(edges[:-1], edges[1:])])
+    levels = np.ceil(columns / max(int(columns.max()), 1) * (len(BLOCKS) - 1)).astype(int)
+    bins = (high - low) / HISTOGRAM_BINS
+    start, end = low + first * bins, low + last * bins
+    marks = [" "] * width
+    if rule is not None and start <= rule.value <= end:
+        marks[min(width - 1, int((rule.value - start) / (end - start) * width))] = "▲"
+    label = f"{start:.3g} … {end:.3g}" + (f", ▲ {rule}" if rule is not None else "")
+    return [(f"{name} histogram", "".join(BLOCKS[level] for level in levels)), (label, "".join(marks))]
 
 
 def samples_table(samples: list[Sample], dropped: list[Sample], title: str, label: str = "written") -> Table:

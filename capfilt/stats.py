@@ -87,6 +87,21 @@ def add_to_histogram(histogram: dict[str, int], values: list[float], low: float,
         histogram[str(index)] = histogram.get(str(index), 0) + int(counts[index])
 
 
+def occupied_range(counts: np.ndarray, low: float, high: float, marks: list[float] = ()) -> tuple[int, int]:
+    """The fine bins [first, last) a plot of `counts` spans: those with counts and those of the `marks` (keep
+    rules' thresholds) within [low, high], widened to at least 5% of the range."""
+    width = (high - low) / HISTOGRAM_BINS
+    marked = [int(min((mark - low) / width, HISTOGRAM_BINS - 1)) for mark in marks if low <= mark <= high]
+    occupied = list(np.flatnonzero(counts)) + marked
+    if not occupied:
+        return 0, HISTOGRAM_BINS
+    first, last = int(min(occupied)), int(max(occupied)) + 1
+    short = HISTOGRAM_BINS // 20 - (last - first)
+    if short > 0:
+        first, last = max(0, first - short // 2), min(HISTOGRAM_BINS, last + short - short // 2)
+    return first, last
+
+
 def dense(sparse: dict[str, int]) -> np.ndarray:
     counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
     for index, count in sparse.items():
@@ -107,6 +122,8 @@ class RunSummary(Counts):
     shard_counts: dict[str, list[int]] = field(default_factory=dict)
     failed_shards: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    # The keep rules the counts follow (set by the run that merged the stats).
+    keep: list[str] = field(default_factory=list)
 
     @classmethod
     def merge(cls, shard_stats: list[ShardStats], seconds: float) -> RunSummary:

@@ -111,15 +111,20 @@ class ShardWorker:
             return stats
         rejects: list[Reject] = []
         dropped: list[dict] = []  # records, not samples: a sample holds its images' tensors
+        schema = self.input_format.metadata_schema(self.fs_in, shard)
         try:
-            with (  # on any error the writer removes its temporary: no half shard is left
-                self.output_format.open_writer(self.fs_out, self.output.path, shard.name, layout,
-                                               self.input_format.metadata_schema(self.fs_in, shard)) as writer,
+            with (  # on any error the writers remove their temporaries: no half shard is left
+                self.output_format.open_writer(self.fs_out, self.output.path, shard.name, layout, schema) as writer,
+                self.output_format.open_writer(self.fs_out, self.output.dropped_dir, shard.name, layout, schema)
+                if self.config.keep_dropped else contextlib.nullcontext() as dropped_writer,
                 contextlib.closing(self._steps(shard, stats)) as batches,  # on any error, stops every step's thread
             ):
                 for batch in batches:
                     for sample in batch.samples:
                         writer.write(sample)
+                    if dropped_writer is not None:
+                        for sample in batch.dropped:
+                            dropped_writer.write(sample)
                     stats.written += len(batch.samples)
                     stats.dropped += len(batch.dropped)
                     for reject in batch.rejects:

@@ -1,0 +1,216 @@
+"""capfilt report, --keep-dropped and the histograms behind them, on real runs of the demo models (the page in a
+real browser: tests/test_report_browser.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections import Counter
+from html.parser import HTMLParser
+
+import pytest
+from typer.testing import CliRunner
+
+import capfilt
+from capfilt.cli import app
+from capfilt.errors import OutputError
+from capfilt.formats.base import Format
+from capfilt.report import SAMPLED_SHARDS, write_report
+from capfilt.stats import RunSummary
+from tests.conftest import shape_items
+from tests.datasets import write_webdataset_shards
+
+EVIL = ['<script>window.__pwned=1</script>', '<img src=x onerror="window.__pwned=1">']
+
+
+class Tags(HTMLParser):
+    """Every start tag of a page with its attributes, and its text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def parse(page: str) -> Tags:
+    tags = Tags()
+    tags.feed(page)
+    return tags
+
+
+def run_bootstrap(tmp_path, items, **options) -> RunSummary:
+    write_webdataset_shards(tmp_path / "in", items, samples_per_shard=6)
+    # The demo models: trained on shapes, they keep some captions and drop others, as a real filter does.
+    settings = dict(preset="demo", batch_size=4, device="cpu", dtype="fp32", num_captions=2, keep=["itm>=0.5"])
+    return capfilt.run(str(tmp_path / "in"), str(tmp_path / "out"), "bootstrap", **(settings | options))
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    """A bootstrap run over 3 shards, one sample with a corrupt image, one with untrusted captions, with
+    --keep-dropped and --report."""
+    tmp_path = tmp_path_factory.mktemp("report")
+    items = shape_items(18)
+    items[2] = (items[2][0], b"not an image", "a corrupt picture", {})
+    items[4] = (items[4][0], items[4][1], EVIL[0], {"url": '"><svg onload="window.__pwned=1">'})
+    items[5] = (items[5][0], items[5][1], EVIL[1], {})
+    summary = run_bootstrap(tmp_path, items, keep_dropped=True, report=True)
+    return tmp_path / "out", summary
+
+
+def test_the_report_shows_the_runs_counts_histograms_and_samples(reported):
+    out, summary = reported
+    page = (out / "report.html").read_text()
+    tags = parse(page)
+    counts = {attrs["data-count"]: "" for tag, attrs in tags.tags if "data-count" in attrs}
+    assert {"read", "written", "dropped", "rejected"} <= set(counts)
+    for name in ("read", "written", "dropped", "rejected"):
+        assert f'data-count="{name}">{getattr(summary, name)}<' in page
+    assert summary.reject_reasons == {"undecodable_image": 1} and 'data-count="rejected:undecodable_image"' in page
+    assert summary.dropped > 0 and summary.written > 0
+    # One histogram and one what-if curve per score, with bars and the rule drawn.
+    assert [attrs["data-score"] for tag, attrs in tags.tags if tag == "svg" and attrs.get("class") == "histogram"] == ["itm"]
+    assert any(tag == "rect" and "bar" in (attrs.get("class") or "") for tag, attrs in tags.tags)
+    assert any(tag == "line" and attrs.get("class") == "rule" for tag, attrs in tags.tags)
+    assert sum(tag == "polyline" for tag, _ in tags.tags) == 2
+    # Thumbnails are data: URIs; the dropped grid shows the dropped samples' images, from OUT/.dropped.
+    images = [attrs["src"] for tag, attrs in tags.tags if tag == "img"]
+    assert images and all(src.startswith("data:image/jpeg;base64,") for src in images)
+    assert "from OUTPUT/.dropped/" in page
+    grid_ids = [attrs["id"] for tag, attrs in tags.tags if tag == "section"]
+    assert grid_ids == ["best", "dropped", "borderline", "web-lost", "rejects"]
+
+
+def test_untrusted_text_is_escaped_and_the_page_runs_and_fetches_nothing(reported):
+    out, _ = reported
+    page = (out / "report.html").read_text()
+    tags = parse(page)
+    assert not any(tag == "script" for tag, _ in tags.tags)
+    assert not any(name.startswith("on") for _, attrs in tags.tags for name in attrs)
+    text = "".join(tags.text)
+    assert EVIL[0] in text and EVIL[1] in text  # shown as text
+    assert '"><svg onload="window.__pwned=1">' in text
+    policy = next(attrs["content"] for tag, attrs in tags.tags if attrs.get("http-equiv") == "Content-Security-Policy")
+    assert "default-src 'none'" in policy and "img-src data:" in policy and "script-src" not in policy
+    # Nothing to fetch: every resource is a data: URI, and nothing links anywhere.
+    assert all(attrs["src"].startswith("data:") for _, attrs in tags.tags if "src" in attrs)
+    assert not any("href" in attrs for _, attrs in tags.tags)
+
+
+def test_the_summary_merges_the_shards_histograms_exactly(reported):
+    out, summary = reported
+    stats = [json.loads(path.read_text()) for path in sorted(out.glob("*_stats.json"))]
+    for kind in ("histograms", "web_histograms", "best_histograms"):
+        merged = Counter()
+        for shard in stats:
+            merged.update(shard[kind]["itm"])
+        assert {int(k): v for k, v in getattr(summary, kind)["itm"].items()} == {int(k): v for k, v in merged.items()}
+    assert sum(summary.histograms["itm"].values()) == summary.captions_scored
+    # One best caption per image that has a caption; the web histogram holds the web captions alone.
+    records = []
+    for path in sorted(out.glob("*.tar")) + sorted((out / ".dropped").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            records += [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+    with_captions = [r for r in records if r.get("caption") is not None or r["synthetic_captions"]]
+    assert sum(summary.best_histograms["itm"].values()) == len(with_captions)
+    assert sum(summary.web_histograms["itm"].values()) == sum(r.get("web_itm_score") is not None for r in records)
+    assert summary.shard_counts == {s["shard"]: [s["read"], s["written"], s["dropped"], s["rejected"]] for s in stats}
+
+
+def test_keep_dropped_writes_every_dropped_sample_with_its_image(reported):
+    out, summary = reported
+    dropped_keys = [json.loads(line)["key"] for path in sorted(out.glob("*_dropped.jsonl"))
+                    for line in path.read_text().splitlines()]
+    members = []
+    for path in sorted((out / ".dropped").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            members += tar.getnames()
+    assert len(dropped_keys) == summary.dropped > 0
+    assert sorted(name.rsplit(".", 1)[0] for name in members if name.endswith(".jpg")) == sorted(dropped_keys)
+    assert sorted(os.listdir(out / ".dropped")) == ["00000.parquet", "00000.tar", "00001.parquet", "00001.tar",
+                                                    "00002.parquet", "00002.tar"]
+    # Loaders reading the output never see them: capfilt lists the output's own shards only.
+    found = capfilt.paths.resolve_input(str(out))[2]
+    assert [shard.name for shard in found] == ["00000", "00001", "00002"]
+
+
+def test_overwrite_removes_the_dropped_shards_too(tmp_path):
+    run_bootstrap(tmp_path, shape_items(6), keep_dropped=True)
+    assert (tmp_path / "out" / ".dropped" / "00000.tar").exists()
+    run_bootstrap(tmp_path, shape_items(6), overwrite=True)
+    assert not (tmp_path / "out" / ".dropped" / "00000.tar").exists()
+
+
+def test_the_report_reads_a_bounded_number_of_shards(tmp_path, monkeypatch):
+    """The grids come from SAMPLED_SHARDS shards however many there are; counts come from the summary."""
+    summary = run_bootstrap(tmp_path, shape_items(40), batch_size=8)
+    assert summary.shards == 7
+    read: list[str] = []
+    original = Format.read_shard
+
+    def counted(self, fs, shard, *args, **kwargs):
+        read.append(shard.name)
+        return original(self, fs, shard, *args, **kwargs)
+
+    monkeypatch.setattr(Format, "read_shard", counted)
+    page = (tmp_path / "report.html")
+    write_report(str(tmp_path / "out"), str(page))
+    assert len(set(read)) == SAMPLED_SHARDS
+    assert f'data-count="read">{summary.read}<' in page.read_text()
+
+
+def test_not_an_output_an_unfinished_one_and_an_old_one(tmp_path):
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(OutputError, match="not a capfilt output"):
+        write_report(str(tmp_path / "plain"))
+    run_bootstrap(tmp_path, shape_items(6))
+    out = tmp_path / "out"
+    summary_file = out / "capfilt_summary.json"
+    record = json.loads(summary_file.read_text())
+    summary_file.unlink()
+    (out / "capfilt.lock").write_text("pid 1 on host\n")
+    with pytest.raises(OutputError, match="still being written"):
+        write_report(str(out))
+    (out / "capfilt.lock").unlink()
+    with pytest.raises(OutputError, match="no run summary yet"):
+        write_report(str(out))
+    # A summary of an older capfilt: quantiles, no histograms, no shard counts.
+    old = {key: value for key, value in record.items()
+           if key not in ("histograms", "web_histograms", "best_histograms", "score_ranges", "shard_counts", "keep")}
+    summary_file.write_text(json.dumps(old))
+    page = (out / "report.html")
+    write_report(str(out))
+    text = page.read_text()
+    assert "Missing: score histograms" in text and "Missing: per-shard counts" in text
+    assert 'id="quantiles"' in text and f'data-count="read">{record["read"]}<' in text
+
+
+def test_the_cli_writes_the_report_where_asked_and_fails_in_one_line(tmp_path):
+    run_bootstrap(tmp_path, shape_items(6))
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "out"), "-o", str(tmp_path / "page.html")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "page.html").read_text().startswith("<!DOCTYPE html>")
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "in")])
+    assert result.exit_code == 2 and "not a capfilt output" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_the_end_of_run_summary_draws_the_main_score(tmp_path):
+    from rich.console import Console
+
+    from capfilt.progress import summary_table
+
+    summary = run_bootstrap(tmp_path, shape_items(12))
+    console = Console(width=120, record=True)
+    console.print(summary_table(summary))
+    text = console.export_text()
+    assert "itm histogram" in text and "▲ itm>=0.5" in text
+    marker_line = next(line for line in text.splitlines() if "▲ itm>=0.5" in line)
+    assert marker_line.count("▲") == 2  # the label's and the mark under the threshold's column
