@@ -176,7 +176,7 @@ def render(output: str, settings: dict[str, Any], summary: RunSummary, sampled: 
     parts = [
         f"<h1>capfilt report: {e(output)}</h1>",
         *(f'<p class="missing">Missing: {e(what)}.</p>' for what in missing),
-        section("Run", settings_table(settings)),
+        models_line(settings),
         section("Counts", counts_table(summary) + shards_table(summary)),
     ]
     if summary.histograms:
@@ -187,6 +187,7 @@ def render(output: str, settings: dict[str, Any], summary: RunSummary, sampled: 
     elif summary.score_quantiles:
         parts.append(section("Scores", quantiles_table(summary)))
     parts.append(section("Samples", grids(sampled, main, rules.rules)))
+    parts.append(section("Run settings", settings_table(settings)))
     body = "\n".join(parts)
     digest = base64.b64encode(hashlib.sha256(STYLE.encode()).digest()).decode()
     policy = f"default-src 'none'; img-src data:; style-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'"
@@ -197,6 +198,17 @@ def render(output: str, settings: dict[str, Any], summary: RunSummary, sampled: 
 
 def section(title: str, content: str) -> str:
     return f"<h2>{e(title)}</h2>\n{content}"
+
+
+def models_line(settings: dict[str, Any]) -> str:
+    """The run's command, models and rules, in one paragraph at the top (every setting is at the bottom)."""
+    filters = ", ".join(f"{f['name']}={f['model']}" if f.get("name") else f["model"] for f in settings.get("filters") or [])
+    parts = [("command", settings.get("command")), ("input", settings.get("input")),
+             ("captioner", settings.get("captioner")), ("filters", filters),
+             ("keep", " and ".join(settings.get("keep") or []) + (f" (best {settings['keep_best']})"
+                                                                 if settings.get("keep_best") else "")),
+             ("mode", settings.get("mode")), ("capfilt", settings.get("capfilt_version"))]
+    return '<p id="models">' + "; ".join(f"<b>{e(what)}</b> {e(value)}" for what, value in parts if value) + "</p>"
 
 
 def settings_table(settings: dict[str, Any]) -> str:
