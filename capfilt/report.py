@@ -8,8 +8,9 @@ scores and decision): the best kept, the dropped, the borderline, the images who
 synthetic one, and the rejects by reason.
 
 It scales with the output: counts and histograms come from the run summary (the shards' histograms merged
-exactly), and the grids from the first samples of a few shards drawn at random. On any number of shards the
-report costs one listing of the output and a fixed amount of reading.
+exactly, and each shard's counts), and the grids from the first samples of a few shards drawn at random, found
+by the names the summary holds. On any number of shards the report reads a fixed amount and lists nothing
+(the summary of an older capfilt names no shards: then the output is listed once).
 
 Dropped images: a run with `--keep-dropped` writes the dropped samples, images included, in OUT/.dropped/, and
 the grids show them from there. Without it only their captions and scores are kept (NAME_dropped.jsonl), and
@@ -35,8 +36,9 @@ from typing import Any
 import numpy as np
 from fsspec import AbstractFileSystem
 
-from capfilt.errors import OutputError
-from capfilt.formats.base import Format
+from capfilt.errors import CapfiltError, OutputError
+from capfilt.formats import FORMATS
+from capfilt.formats.base import Format, Shard
 from capfilt.keep import KeepRule, KeepRules
 from capfilt.output import DROPPED_DIR, LOCK_FILE, RUN_FILE, SUMMARY_FILE
 from capfilt.paths import open_output, resolve_input
@@ -103,12 +105,7 @@ class Sampled:
 def sample_output(fs: AbstractFileSystem, folder: str, output: str, settings: dict[str, Any], summary: RunSummary,
                   storage_options: dict[str, Any] | None, seed: int) -> Sampled:
     """Up to SAMPLES_PER_SHARD samples of each kind from SAMPLED_SHARDS shards drawn at random (seeded)."""
-    try:
-        fs, fmt, shards = resolve_input(output, settings.get("output_format"), storage_options)
-    except Exception:  # noqa: BLE001 - a run that wrote no shard still has a page of counts
-        return Sampled()
-    finished = [shard for shard in shards if shard.name not in summary.failed_shards]
-    drawn = sorted(random.Random(seed).sample(finished, min(SAMPLED_SHARDS, len(finished))), key=lambda s: s.name)
+    fmt, drawn = drawn_shards(fs, folder, output, settings, summary, storage_options, seed)
     found = Sampled(shards=[shard.name for shard in drawn], dropped_images=bool(settings.get("keep_dropped")))
     for shard in drawn:
         found.written += first_samples(fmt.read_shard(fs, shard, None))
@@ -120,6 +117,39 @@ def sample_output(fs: AbstractFileSystem, folder: str, output: str, settings: di
         found.rejects += [Reject(r["key"], r["reason"], r.get("detail", "")) for r in
                           first_records(fs, f"{folder}/{shard.name}_rejects.jsonl")]
     return found
+
+
+def drawn_shards(fs: AbstractFileSystem, folder: str, output: str, settings: dict[str, Any], summary: RunSummary,
+                 storage_options: dict[str, Any] | None, seed: int) -> tuple[Format | None, list[Shard]]:
+    """The output's format and SAMPLED_SHARDS of its finished shards. The run summary names them, so no listing
+    is needed; an older summary does not, and the output is listed."""
+    rng = random.Random(seed)
+    names = [name for name in summary.shard_counts if name not in summary.failed_shards]
+    if not names:
+        try:
+            fs, fmt, shards = resolve_input(output, settings.get("output_format"), storage_options)
+        except CapfiltError:  # a run that wrote no shard still has a page of counts
+            return None, []
+        finished = [shard for shard in shards if shard.name not in summary.failed_shards]
+        return fmt, sorted(rng.sample(finished, min(SAMPLED_SHARDS, len(finished))), key=lambda shard: shard.name)
+    drawn, fmt = [], None
+    for name in rng.sample(names, len(names)):  # until enough exist: a shard that wrote nothing may leave no file
+        fmt = fmt or shard_format(fs, folder, name)
+        path = fmt.output_paths(folder, name)[0] if fmt else None
+        if path and fs.exists(path):
+            drawn.append(fmt.shard_from_path(path))
+        if len(drawn) == SAMPLED_SHARDS:
+            break
+    return fmt, sorted(drawn, key=lambda shard: shard.name)
+
+
+def shard_format(fs: AbstractFileSystem, folder: str, name: str) -> Format | None:
+    """The format whose output shard `name` is in `folder` (tars first: a webdataset shard has a .parquet of
+    metadata beside it)."""
+    for fmt in FORMATS.values():
+        if fs.exists(fmt.output_paths(folder, name)[0]):
+            return fmt
+    return None
 
 
 def first_samples(items: Iterable[Sample | Reject]) -> list[Sample]:
@@ -169,7 +199,7 @@ def render(output: str, settings: dict[str, Any], summary: RunSummary, sampled: 
     main = rules.rules[0].score if rules.rules else (scores[0] if scores else None)
     missing = []
     if summary.score_quantiles and not summary.histograms:
-        missing.append("score histograms and what-if curves (the run summary of a capfilt before 0.6 keeps only "
+        missing.append("score histograms and what-if curves (the run summary of an older capfilt keeps only "
                        "quantiles; rerun to get them)")
     if summary.shards and not summary.shard_counts:
         missing.append("per-shard counts (not in an older run summary)")
