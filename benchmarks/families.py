@@ -58,7 +58,30 @@ changes memory, not compute), and the language models' tokenizers are padded wit
 vocabulary (OPT's 50272, SmolLM2's 49152), so that their output layers cost what the released ones cost. Images
 are the same shapes JPEGs at every size (--image-size px a side), which each processor resizes to its own input.
 
-Measured (see the end of this docstring for the command lines and figures).
+Measured on a CPU machine (2 cores shared with other jobs, no GPU; transformers 5.24). On a shared machine a
+2-thread torch run stalls whenever the other core is taken (t(N) above t(M) came out), so these used --threads 1
+(plain loop and capfilt alike):
+
+    /work/venv-vision/bin/python benchmarks/families.py --size tiny --threads 1     # torch 2.14.1, open_clip 3.3.0
+    (44 s; images/s, fp32, N=8, M=24, K=4, B=8, fastest of 3)
+    family      plain  capfilt  ratio  capfilt.run (web only)  agreement (max |diff| / captions)
+    clip        225.3    408.1  1.81x                   407.9  2.7e-07
+    siglip      242.5    477.4  1.97x                   445.2  1.8e-07
+    siglip2     182.3    383.8  2.11x                   407.0  1.8e-07
+    blip2        64.3    239.7  3.73x                   441.7  itm 1.2e-07, itc 8.9e-08
+    open_clip   197.4    322.6  1.63x                   530.3  1.2e-07
+    blip2_opt    32.1    177.0  5.51x                       -  24/24 identical
+    vlm          21.4    101.8  4.76x                       -  24/24 identical
+    .venv/bin/python benchmarks/families.py --size tiny --threads 1                 # torch 2.13: the same less
+    open_clip, in 36 s (ratios 1.56x to 5.95x, all in agreement).
+
+    .venv/bin/python benchmarks/families.py --size full --families clip --images-small 2 --images-large 4 --repeats 1
+    (CLIP ViT-L/14, 79 s: plain 0.75 img/s, capfilt 0.76, ratio 1.01x, capfilt.run 0.81; |diff| 3.7e-08; 180 GFLOP
+    per image estimated, 0.14 TFLOP/s, 73% of the measured 2048² matmul; vision 1.1 s of the 1.3 s per image.)
+The other full-size families were not run on CPU here (SigLIP and BLIP-2 ITM would fit in fp32; BLIP-2 OPT-2.7b,
+15 GB in fp32, and SmolVLM, 17 tiles of 729 patches an image, are for a GPU); their configs were instantiated on
+the meta device: 390M (CLIP), 841M (SigLIP), 841M (SigLIP 2), 1149M (BLIP-2 ITM), 3745M (BLIP-2 OPT-2.7b), 2246M
+(SmolVLM) parameters, the released counts less the dual encoders' smaller vocabularies.
 """
 
 from __future__ import annotations
