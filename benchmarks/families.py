@@ -108,13 +108,13 @@ from PIL import Image
 from transformers.utils import logging as transformers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import Run, log, make_items, peak_flops, release_memory, write_shard  # noqa: E402
+from bench import Run, log, make_items, peak_flops, release_memory, write_shard
 
-import capfilt  # noqa: E402
-from capfilt.config import DTYPES, DecodingSettings  # noqa: E402
-from capfilt.demo import shapes  # noqa: E402
-from capfilt.models import load_captioner, load_filter  # noqa: E402
-from capfilt.models.vlm import DEFAULT_INSTRUCTION  # noqa: E402
+import capfilt
+from capfilt.config import DTYPES, DecodingSettings
+from capfilt.demo import shapes
+from capfilt.models import load_captioner, load_filter
+from capfilt.models.vlm import DEFAULT_INSTRUCTION
 
 CHECK_TOLERANCE = 1e-4
 BLIP2_PROMPT = "a photo of"  # no trailing space: capfilt strips it (OPT's BPE would make a token of it)
