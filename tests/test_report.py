@@ -45,8 +45,10 @@ def parse(page: str) -> Tags:
     return tags
 
 
-def run_bootstrap(tmp_path, items, **options) -> RunSummary:
+def run_bootstrap(tmp_path, items, broken_shard: bool = False, **options) -> RunSummary:
     write_webdataset_shards(tmp_path / "in", items, samples_per_shard=6)
+    if broken_shard:  # a shard that is not a tar: it fails alone, and the summary names it
+        (tmp_path / "in" / "00009.tar").write_bytes(b"not a tar archive" * 40)
     # The demo models: trained on shapes, they keep some captions and drop others, as a real filter does.
     settings = dict(preset="demo", batch_size=4, device="cpu", dtype="fp32", num_captions=2, keep=["itm>=0.5"])
     return capfilt.run(str(tmp_path / "in"), str(tmp_path / "out"), "bootstrap", **(settings | options))
@@ -61,7 +63,7 @@ def reported(tmp_path_factory):
     items[2] = (items[2][0], b"not an image", "a corrupt picture", {})
     items[4] = (items[4][0], items[4][1], EVIL[0], {"url": '"><svg onload="window.__pwned=1">'})
     items[5] = (items[5][0], items[5][1], EVIL[1], {})
-    summary = run_bootstrap(tmp_path, items, keep_dropped=True, report=True)
+    summary = run_bootstrap(tmp_path, items, broken_shard=True, keep_dropped=True, report=True)
     return tmp_path / "out", summary
 
 
@@ -75,6 +77,10 @@ def test_the_report_shows_the_runs_counts_histograms_and_samples(reported):
         assert f'data-count="{name}">{getattr(summary, name)}<' in page
     assert summary.reject_reasons == {"undecodable_image": 1} and 'data-count="rejected:undecodable_image"' in page
     assert summary.dropped > 0 and summary.written > 0
+    # Each shard's counts, the failed one named with its error.
+    assert list(summary.failed_shards) == ["00009"]
+    assert '<tr data-shard="00009" class="failed">' in page and 'id="failed-shards"' in page
+    assert all(f'<tr data-shard="{name}">' in page for name in ("00000", "00001", "00002"))
     # One histogram and one what-if curve per score, with bars and the rule drawn.
     assert [attrs["data-score"] for tag, attrs in tags.tags if tag == "svg" and attrs.get("class") == "histogram"] == ["itm"]
     assert any(tag == "rect" and "bar" in (attrs.get("class") or "") for tag, attrs in tags.tags)
@@ -110,7 +116,7 @@ def test_the_summary_merges_the_shards_histograms_exactly(reported):
     for kind in ("histograms", "web_histograms", "best_histograms"):
         merged = Counter()
         for shard in stats:
-            merged.update(shard[kind]["itm"])
+            merged.update(shard[kind].get("itm", {}))  # the failed shard has none
         assert {int(k): v for k, v in getattr(summary, kind)["itm"].items()} == {int(k): v for k, v in merged.items()}
     assert sum(summary.histograms["itm"].values()) == summary.captions_scored
     # One best caption per image that has a caption; the web histogram holds the web captions alone.
@@ -134,11 +140,12 @@ def test_keep_dropped_writes_every_dropped_sample_with_its_image(reported):
             members += tar.getnames()
     assert len(dropped_keys) == summary.dropped > 0
     assert sorted(name.rsplit(".", 1)[0] for name in members if name.endswith(".jpg")) == sorted(dropped_keys)
-    assert sorted(os.listdir(out / ".dropped")) == ["00000.parquet", "00000.tar", "00001.parquet", "00001.tar",
-                                                    "00002.parquet", "00002.tar"]
+    # Beside each output shard (the broken one's too: what was read before the break is kept), its dropped ones.
+    written = sorted(path.name for path in out.iterdir() if path.suffix in (".tar", ".parquet"))
+    assert sorted(os.listdir(out / ".dropped")) == written and "00000.tar" in written
     # Loaders reading the output never see them: capfilt lists the output's own shards only.
     found = capfilt.paths.resolve_input(str(out))[2]
-    assert [shard.name for shard in found] == ["00000", "00001", "00002"]
+    assert [shard.name + ".tar" for shard in found] == [name for name in written if name.endswith(".tar")]
 
 
 def test_overwrite_removes_the_dropped_shards_too(tmp_path):
