@@ -169,8 +169,13 @@ class ShardWorker:
     def _run_stage(self, stage: Stage, batches: Iterator[Batch], stats: ShardStats) -> Iterator[Batch]:
         if isinstance(stage, ModelStage):
             use_threads(self.stage_threads)  # torch's thread count is per thread: this runs in the stage's own
-        for batch in batches:
-            yield self._process(stage, batch, stats)
+        # Closed here, as this step ends (done, stopped or raising), so that the steps before it stop their
+        # threads now. Left to the garbage collector, a step's clean-up (it joins its thread) would run in
+        # whatever thread collects it, maybe one holding the decode pool's lock that the joined thread awaits:
+        # the next shard then hung once its step had raised.
+        with contextlib.closing(batches):
+            for batch in batches:
+                yield self._process(stage, batch, stats)
 
     def _process(self, stage: Stage, batch: Batch, stats: ShardStats) -> Batch:
         """Run a stage in parts no larger than the largest that fitted in memory; when a part runs out of

@@ -7,8 +7,11 @@ Faults are injected into the real models (`capfilt.worker.load_captioner` / `loa
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import gc
 import json
+import threading
 from collections.abc import Collection
 from pathlib import Path
 
@@ -273,3 +276,29 @@ def test_an_error_writing_the_output_stops_the_run_at_once(tiny_models, dataset,
     with pytest.raises(OSError, match="No space left on device"):
         run(bootstrap_config(dataset, out, tiny_models))
     assert not list(out.glob("0000*")) and not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("stage", ["captioner", "filter"])
+def test_a_failed_shard_stops_every_thread_of_its_pipeline_before_the_next_shard(tiny_models, dataset, tmp_path,
+                                                                                monkeypatch, stage: str) -> None:
+    """Each step of a shard runs in a thread; when one raises, all of them end before the shard is given up.
+    Left to the garbage collector, one step's clean-up ran in another shard's thread while that held the decode
+    pool's lock, and the run hung (seen in a bootstrap whose first shard failed)."""
+    inject(monkeypatch, **{stage: {ODD_KEYS["00000"]: RuntimeError("boom")}})
+    # One sample a batch: when a step raises, the steps before it are still busy with the shard's next batches.
+    config = dataclasses.replace(bootstrap_config(dataset, tmp_path / "out", tiny_models), batch_size=1)
+    alive_after_the_failure: list[str] = []
+    abandon = worker.ShardWorker._abandon
+
+    def abandoned(self, shard, error, started):  # type: ignore[no-untyped-def]
+        alive_after_the_failure.extend(t.name for t in threading.enumerate() if t.name.endswith(f"-{shard.name}"))
+        return abandon(self, shard, error, started)
+
+    monkeypatch.setattr(worker.ShardWorker, "_abandon", abandoned)
+    gc.disable()  # what the collector would clean up must already be stopped
+    try:
+        summary = run(config)
+    finally:
+        gc.enable()
+    assert list(summary.failed_shards) == ["00000"] and summary.written > 0
+    assert alive_after_the_failure == []
