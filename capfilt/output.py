@@ -167,5 +167,7 @@ class OutputDirectory:
 
 def _changed_settings(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
     keys = (set(previous) | set(current)) - set(NON_OUTPUT_SETTINGS)
-    return [f"{key}: {previous.get(key)!r} -> {current.get(key)!r}" for key in sorted(keys)
+    # A setting newer than the run that wrote `previous` (absent there) changes nothing while it is off.
+    added_off = {key for key in set(current) - set(previous) if current[key] in (None, False, [], {})}
+    return [f"{key}: {previous.get(key)!r} -> {current.get(key)!r}" for key in sorted(keys - added_off)
             if previous.get(key) != current.get(key)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -231,3 +232,20 @@ def test_a_moved_output_folder_still_resumes(tiny_models, tmp_path):
     counter = ShardCounter()
     Pipeline(bootstrap_config(input, moved, tiny_models), counter).run()
     assert counter.started == ["00001"] and output_files(moved) == reference
+
+
+def test_an_output_of_an_older_capfilt_resumes_when_the_new_settings_are_off(tiny_models, tmp_path):
+    """A setting added since the output was written (absent from its capfilt_run.json) does not stop a resume
+    while it is off; turned on, it changes the output and is refused."""
+    dataset = tmp_path / "in"
+    write_webdataset_shards(dataset, shape_items(8), samples_per_shard=4)
+    out = tmp_path / "out"
+    run(bootstrap_config(dataset, out, tiny_models))
+    run_file = out / "capfilt_run.json"
+    recorded = json.loads(run_file.read_text())
+    del recorded["keep_dropped"]  # as an older capfilt wrote it
+    run_file.write_text(json.dumps(recorded))
+    (out / "00001_stats.json").unlink()  # one shard to redo
+    assert run(bootstrap_config(dataset, out, tiny_models)).read == 8
+    with pytest.raises(ConfigError, match="keep_dropped: False -> True"):  # the resume recorded it off
+        run(dataclasses.replace(bootstrap_config(dataset, out, tiny_models), keep_dropped=True))
