@@ -165,6 +165,20 @@ class OutputDirectory:
         self.fs.mv(temporary, path)
 
 
+def held_by_a_run(fs: AbstractFileSystem, folder: str) -> bool:
+    """Whether a live capfilt run holds the output `folder`'s lock (a killed run's lock file is not held)."""
+    path = f"{folder}/{LOCK_FILE}"
+    if not isinstance(fs, LocalFileSystem) or not os.path.exists(path):
+        return False
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
 def _changed_settings(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
     keys = (set(previous) | set(current)) - set(NON_OUTPUT_SETTINGS)
     # A setting newer than the run that wrote `previous` (absent there) changes nothing while it is off.

@@ -40,7 +40,7 @@ from capfilt.errors import CapfiltError, OutputError
 from capfilt.formats import FORMATS
 from capfilt.formats.base import Format, Shard
 from capfilt.keep import KeepRule, KeepRules
-from capfilt.output import DROPPED_DIR, LOCK_FILE, RUN_FILE, SUMMARY_FILE
+from capfilt.output import DROPPED_DIR, LOCK_FILE, RUN_FILE, SUMMARY_FILE, held_by_a_run
 from capfilt.paths import open_output, resolve_input
 from capfilt.sample import Caption, Reject, Sample
 from capfilt.schema import sample_from_dropped_record
@@ -79,7 +79,7 @@ def read_run(fs: AbstractFileSystem, folder: str, output: str) -> tuple[dict[str
     if not fs.exists(f"{folder}/{RUN_FILE}"):
         raise OutputError(f"{output} is not a capfilt output ({RUN_FILE} is missing); report reads what a run wrote")
     if not fs.exists(f"{folder}/{SUMMARY_FILE}"):
-        if fs.exists(f"{folder}/{LOCK_FILE}"):
+        if held_by_a_run(fs, folder):
             raise OutputError(f"{output} is still being written (a run holds {LOCK_FILE}); report it when the run ends")
         raise OutputError(f"{output} has no run summary yet: its run stopped before the end (rerun its command to "
                           "finish it, or `capfilt summary` for a split job)")

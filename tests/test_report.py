@@ -10,12 +10,15 @@ from collections import Counter
 from html.parser import HTMLParser
 
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from typer.testing import CliRunner
 
 import capfilt
 from capfilt.cli import app
 from capfilt.errors import OutputError
+from capfilt.formats import FORMATS
 from capfilt.formats.base import Format
+from capfilt.output import OutputDirectory
 from capfilt.report import SAMPLED_SHARDS, write_report
 from capfilt.stats import RunSummary
 from tests.conftest import shape_items
@@ -182,10 +185,12 @@ def test_not_an_output_an_unfinished_one_and_an_old_one(tmp_path):
     summary_file = out / "capfilt_summary.json"
     record = json.loads(summary_file.read_text())
     summary_file.unlink()
-    (out / "capfilt.lock").write_text("pid 1 on host\n")
+    directory = OutputDirectory(LocalFileSystem(), str(out), FORMATS["webdataset"])
+    directory.lock()  # as a live run holds it
     with pytest.raises(OutputError, match="still being written"):
         write_report(str(out))
-    (out / "capfilt.lock").unlink()
+    directory.unlock()
+    (out / "capfilt.lock").write_text("pid 1 on host\n")  # what a killed run leaves: a file no one holds
     with pytest.raises(OutputError, match="no run summary yet"):
         write_report(str(out))
     # A summary of an older capfilt: quantiles, no histograms, no shard counts.
