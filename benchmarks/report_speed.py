@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import fsspec.implementations.local as local
+from fsspec.implementations import local
 
 import capfilt
 from capfilt.report import write_report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from typing import TYPE_CHECKING, Self
@@ -165,7 +166,7 @@ def histogram_rows(summary: RunSummary, width: int = 48) -> list[tuple[str, str]
     rule = next((rule for rule in rules if rule.score == name), None)
     first, last = occupied_range(counts, low, high, [rule.value] if rule else [])
     edges = np.linspace(first, last, width + 1).round().astype(int)
-    columns = np.array([counts[a:b].sum() for a, b in zip(edges[:-1], edges[1:])])
+    columns = np.array([counts[a:b].sum() for a, b in itertools.pairwise(edges)])
     levels = np.ceil(columns / max(int(columns.max()), 1) * (len(BLOCKS) - 1)).astype(int)
     bins = (high - low) / HISTOGRAM_BINS
     start, end = low + first * bins, low + last * bins

@@ -28,6 +28,7 @@ import html
 import io
 import itertools
 import json
+import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -322,13 +323,13 @@ def score_plots(name: str, summary: RunSummary, rules: tuple[KeepRule, ...]) -> 
             f'<text class="label" x="{WIDTH - MARGIN - 24}" y="{HEIGHT - MARGIN + 14}">{low + last * width:.3g}</text>')
     # Histogram: PLOT_BINS bars over the occupied range, web stacked under synthetic.
     edges = np.linspace(first, last, PLOT_BINS + 1).round().astype(int)
-    web_bars = np.array([web[a:b].sum() for a, b in zip(edges[:-1], edges[1:])])
-    all_bars = np.array([every[a:b].sum() for a, b in zip(edges[:-1], edges[1:])])
+    web_bars = np.array([web[a:b].sum() for a, b in itertools.pairwise(edges)])
+    all_bars = np.array([every[a:b].sum() for a, b in itertools.pairwise(edges)])
     synthetic_bars = np.maximum(all_bars - web_bars, 0)
     tallest = max(int(all_bars.max()), 1)
     plot_height = HEIGHT - 1.5 * MARGIN
     bars = []
-    for (a, b), web_count, synthetic_count in zip(zip(edges[:-1], edges[1:]), web_bars, synthetic_bars):
+    for (a, b), web_count, synthetic_count in zip(itertools.pairwise(edges), web_bars, synthetic_bars):
         left, right = x(low + a * width), x(low + b * width)
         base = HEIGHT - MARGIN
         for kind, count in (("web", web_count), ("synthetic", synthetic_count)):
@@ -378,7 +379,7 @@ def share_at(counts: np.ndarray, low: float, width: float, threshold: float) -> 
 
 def main_score(caption: Caption, name: str | None) -> float | None:
     value = caption.scores.get(name) if name else None
-    return None if value is None or value != value else value
+    return None if value is None or math.isnan(value) else value
 
 
 def best_score(sample: Sample, name: str | None, kept_only: bool = False) -> float:
@@ -434,7 +435,7 @@ def figure(sample: Sample) -> str:
     for caption in sample.captions():
         decision = "kept" if caption.kept else "dropped"
         values = " · ".join(f"{e(score)} {value:.3f}" for score, value in caption.scores.items()
-                            if value is not None and value == value)
+                            if value is not None and not math.isnan(value))
         items.append(f'<li class="caption {decision}"><span class="text">{e(caption.text)}</span> '
                      f'<span class="source">({caption.source}, {decision})</span> '
                      f'<span class="scores">{values}</span></li>')

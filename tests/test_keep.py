@@ -121,10 +121,10 @@ def test_the_cli_refuses_bad_rules_in_one_line_before_any_model_loads(tiny_model
 
 
 def test_every_shipped_preset_is_a_valid_recipe():
+    from capfilt.models import filter_family
     from capfilt.models.blip import BlipFilter
     from capfilt.models.blip2 import Blip2Filter
     from capfilt.models.clip import ClipFilter
-    from capfilt.models import filter_family
     from capfilt.models.siglip import SiglipFilter
     from capfilt.presets import available_presets, load_preset
 

@@ -53,7 +53,7 @@ def run_bootstrap(tmp_path, items, broken_shard: bool = False, **options) -> Run
     if broken_shard:  # a shard that is not a tar: it fails alone, and the summary names it
         (tmp_path / "in" / "00009.tar").write_bytes(b"not a tar archive" * 40)
     # The demo models: trained on shapes, they keep some captions and drop others, as a real filter does.
-    settings = dict(preset="demo", batch_size=4, device="cpu", dtype="fp32", num_captions=2, keep=["itm>=0.5"])
+    settings = {"preset": "demo", "batch_size": 4, "device": "cpu", "dtype": "fp32", "num_captions": 2, "keep": ["itm>=0.5"]}
     return capfilt.run(str(tmp_path / "in"), str(tmp_path / "out"), "bootstrap", **(settings | options))
 
 
