@@ -214,8 +214,9 @@ def test_sigint_stops_cleanly_and_the_rerun_finishes(tiny_models, tmp_path):
     process = capfilt_process(input, out, tiny_models, batch_size=2)
     assert wait_for(lambda: any(out.glob("00001.tar.*.tmp")), process)
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=60) == 130
+    code = process.wait(timeout=60)
     stderr = process.stderr.read()
+    assert code == 130, stderr  # what the run said, should it have finished instead
     assert "Rerun the same command to resume" in stderr and "Traceback" not in stderr
     assert not list(out.glob("*.tmp")) and not (out / "00001.tar").exists()
     rerun = capfilt_process(input, out, tiny_models, batch_size=2)
