@@ -133,6 +133,10 @@ def execute(command: Command, input: str, output: str, quiet: bool, debug: bool,
             exit_interrupted("capfilt: interrupted; the shard in progress was abandoned, finished shards are kept. "
                              "Rerun the same command to resume.")
     console.print(summary_table(summary, progress.samples))
+    if options.get("report"):
+        from capfilt.report import REPORT_FILE
+
+        console.print(f"report written to {output.rstrip('/')}/{REPORT_FILE}", soft_wrap=True)
     if summary.failed_shards:
         _fail(f"{len(summary.failed_shards)} shard(s) failed: {', '.join(summary.failed_shards)} (see the summary)")
 
@@ -236,7 +240,7 @@ def report(
         from capfilt.report import write_report
 
         written = write_report(output, destination, parse_storage_options(storage_options))
-    Console().print(f"report written to {written}")
+    Console().print(f"report written to {written}", soft_wrap=True)
 
 
 finetune_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,

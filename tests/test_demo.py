@@ -53,7 +53,7 @@ def test_demo_bootstrap_keeps_right_captions_and_drops_wrong_ones(tmp_path):
 def test_readme_demo_command_prints_captions_and_decisions(tmp_path):
     out = tmp_path / "shapes"
     command = [sys.executable, "-m", "capfilt", "bootstrap", str(EXAMPLE), str(out), "--preset", "demo",
-               "--num-beams", "3"]
+               "--num-beams", "3", "--report"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "capfilt summary" in result.stderr
@@ -61,3 +61,5 @@ def test_readme_demo_command_prints_captions_and_decisions(tmp_path):
                            timeout=60)
     assert shown.returncode == 0 and "synthetic:" in shown.stdout and "web:" in shown.stdout
     assert json.loads((out / "capfilt_summary.json").read_text())["synthetic_captions_added"] > 0
+    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert f"report written to {out}/report.html\n" in result.stderr
