@@ -6,9 +6,10 @@ A new model family (BLIP-2, CLIP, ...) is one module implementing these, registe
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Collection
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from PIL import Image
@@ -16,6 +17,8 @@ from PIL import Image
 # Defined with the run's other settings, which must not import torch; models take it from here.
 from capfilt.config import DecodingSettings
 from capfilt.scores import Score
+
+T = TypeVar("T")
 
 
 class ImageModel(ABC):
@@ -80,6 +83,25 @@ class Filter(ImageModel):
         """Whether each text is longer than the family's text limit, so that it is scored on its start, cut as
         the family's tokenizer cuts it. A family with no limit truncates nothing."""
         return [False] * len(texts)
+
+
+def distinct_texts(pair_texts: list[str]) -> tuple[list[str], list[int]]:
+    """Each distinct text of the pairs once, in order of first use, and each pair's index into them: a text that
+    several captions share is encoded once."""
+    texts = list(dict.fromkeys(pair_texts))
+    index = {text: position for position, text in enumerate(texts)}
+    return texts, [index[text] for text in pair_texts]
+
+
+def pair_images(captions: list[list[str]]) -> list[int]:
+    """For each caption of the batch, in order, the index of its image."""
+    return [image for image, image_texts in enumerate(captions) for _ in image_texts]
+
+
+def per_image(pair_values: list[T], captions: list[list[str]]) -> list[list[T]]:
+    """One value per caption of the batch, in order, cut back into one list per image."""
+    ends = list(itertools.accumulate(len(image_texts) for image_texts in captions))
+    return [pair_values[end - len(image_texts) : end] for end, image_texts in zip(ends, captions)]
 
 
 def longer_than(tokenizer: Any, texts: list[str], limit: int) -> list[bool]:

@@ -24,7 +24,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from capfilt.models.base import Captioner, DecodingSettings, Filter, longer_than
+from capfilt.models.base import Captioner, DecodingSettings, Filter, longer_than, pair_images, per_image
 from capfilt.models.blip_decoding import BlipDecoder
 from capfilt.models.fast_attention import PairImageCache, cache_argument, use_library_attention, use_sdpa
 from capfilt.models.fast_paths import checked, close, failure, same_tokens
@@ -308,7 +308,7 @@ class BlipFilter(ProcessorImageInput, Filter):
     ) -> list[list[dict[str, float]]]:
         itm, itc = "itm" in names, "itc" in names
         texts = [text for image_texts in captions for text in image_texts]
-        pair_images = torch.tensor([i for i, image_texts in enumerate(captions) for _ in image_texts])
+        image_of_pair = torch.tensor(pair_images(captions))
         if not texts:
             return [[] for _ in captions]
         pixels = self.to_device(pixels)
@@ -330,7 +330,7 @@ class BlipFilter(ProcessorImageInput, Filter):
                 # bit-identical whatever batch it came in, and reruns give the same bytes.
                 rows = chunk + chunk[:1] * (self.pair_batch_size - len(chunk))
                 tokens = self.padded([token_ids[row] for row in rows], length)
-                images = pair_images[rows].to(self.device)
+                images = image_of_pair[rows].to(self.device)
                 if not self.own_passes:
                     itm_pass, itc_pass = self._library_pass(pixels[images], tokens, itm, itc)
                     itm_parts.append(itm_pass[: len(chunk)])
@@ -345,11 +345,7 @@ class BlipFilter(ProcessorImageInput, Filter):
         itc_scores = dict(zip(order, torch.cat(itc_parts).tolist())) if itc else {}
         scores = [{**({"itm": itm_scores[pair]} if itm else {}), **({"itc": itc_scores[pair]} if itc else {})}
                   for pair in range(len(texts))]
-        result, offset = [], 0
-        for image_texts in captions:
-            result.append(scores[offset : offset + len(image_texts)])
-            offset += len(image_texts)
-        return result
+        return per_image(scores, captions)
 
     def _library_pass(
         self, pixels: torch.Tensor, tokens: dict[str, torch.Tensor], itm: bool, itc: bool

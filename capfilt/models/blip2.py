@@ -47,7 +47,7 @@ from transformers import (
 )
 
 from capfilt.errors import ModelLoadError
-from capfilt.models.base import Captioner, DecodingSettings, Filter, longer_than
+from capfilt.models.base import Captioner, DecodingSettings, Filter, distinct_texts, longer_than, pair_images, per_image
 from capfilt.models.fast_paths import checked, close, same_tokens
 from capfilt.models.image_input import ProcessorImageInput
 from capfilt.models.loading import load_pretrained
@@ -333,28 +333,21 @@ class Blip2Filter(ProcessorImageInput, Filter):
         pair_texts = [text for image_texts in captions for text in image_texts]
         if not pair_texts or not asked:
             return [[{} for _ in image_texts] for image_texts in captions]
-        pair_images = [i for i, image_texts in enumerate(captions) for _ in image_texts]
-        scores = self._pair_scores(self.to_device(pixels), pair_texts, pair_images, asked, self.own_passes)
+        scores = self._pair_scores(self.to_device(pixels), pair_texts, pair_images(captions), asked, self.own_passes)
         columns = {name: values.tolist() for name, values in scores.items()}  # one copy to the host per score
-        result, offset = [], 0
-        for image_texts in captions:
-            result.append([{name: columns[name][pair] for name in asked}
-                           for pair in range(offset, offset + len(image_texts))])
-            offset += len(image_texts)
-        return result
+        return per_image([{name: columns[name][pair] for name in asked} for pair in range(len(pair_texts))], captions)
 
     def _pair_scores(
-        self, pixels: torch.Tensor, pair_texts: list[str], pair_images: list[int], names: Collection[str],
+        self, pixels: torch.Tensor, pair_texts: list[str], image_of_pair: list[int], names: Collection[str],
         own_passes: bool,
     ) -> dict[str, torch.Tensor]:
         """The scores `names` of each pair (a caption and the index of its picture in `pixels`), in float32 on
         the device: through our passes, or the plain call."""
-        texts = list(dict.fromkeys(pair_texts))  # each distinct text once, in order of first use
-        text_index = {text: index for index, text in enumerate(texts)}
+        texts, text_of_pair = distinct_texts(pair_texts)
         token_ids = self.tokenize(texts)
-        pair_ids = [token_ids[text_index[text]] for text in pair_texts]
-        pair_text = torch.tensor([text_index[text] for text in pair_texts], device=self.device)
-        pair_image = torch.tensor(pair_images, device=self.device)
+        pair_ids = [token_ids[text] for text in text_of_pair]
+        pair_text = torch.tensor(text_of_pair, device=self.device)
+        pair_image = torch.tensor(image_of_pair, device=self.device)
         scores: dict[str, torch.Tensor] = {}
         if own_passes:
             image_embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state  # one vision pass

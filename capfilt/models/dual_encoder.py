@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoProcessor, PreTrainedModel
 
 from capfilt.errors import ModelLoadError
-from capfilt.models.base import Filter, longer_than
+from capfilt.models.base import Filter, distinct_texts, longer_than, pair_images, per_image
 from capfilt.models.fast_paths import checked, close
 from capfilt.models.image_input import ProcessorImageInput
 from capfilt.models.loading import load_pretrained
@@ -146,10 +146,9 @@ class DualEncoderFilter(ProcessorImageInput, Filter):
         pair_texts = [text for image_texts in captions for text in image_texts]
         if not pair_texts or name not in names:
             return [[{} for _ in image_texts] for image_texts in captions]
-        texts = list(dict.fromkeys(pair_texts))  # each distinct text once, in order of first use
-        text_index = {text: index for index, text in enumerate(texts)}
-        pair_text = torch.tensor([text_index[text] for text in pair_texts], device=self.device)
-        pair_image = torch.tensor([i for i, image_texts in enumerate(captions) for _ in image_texts], device=self.device)
+        texts, text_of_pair = distinct_texts(pair_texts)
+        pair_text = torch.tensor(text_of_pair, device=self.device)
+        pair_image = torch.tensor(pair_images(captions), device=self.device)
         pixels = self.to_device(pixels)
         token_ids = self.tokenize(texts)
         if self.own_passes:
@@ -160,12 +159,8 @@ class DualEncoderFilter(ProcessorImageInput, Filter):
             scores = self.pair_scores((image_feat[pair_image] * text_feat[pair_text]).sum(dim=-1))
         else:
             scores = self._library_scores(pixels, token_ids, pair_image, pair_text)
-        values = scores.tolist()  # one copy to the host for the whole batch
-        result, offset = [], 0
-        for image_texts in captions:
-            result.append([{name: value} for value in values[offset : offset + len(image_texts)]])
-            offset += len(image_texts)
-        return result
+        # One copy to the host for the whole batch.
+        return per_image([{name: value} for value in scores.tolist()], captions)
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pooled, L2-normalised image embeddings, in float32: one vision pass for the batch."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from capfilt.errors import ModelLoadError
-from capfilt.models.base import Filter, longer_than
+from capfilt.models.base import Filter, distinct_texts, longer_than, pair_images, per_image
 from capfilt.models.loading import first_line, offline_unless_hub_reachable
 from capfilt.models.registry import register_filter
 from capfilt.scores import Score
@@ -134,19 +134,14 @@ class OpenClipFilter(Filter):
         pair_texts = [text for image_texts in captions for text in image_texts]
         if not pair_texts or name not in names:
             return [[{} for _ in image_texts] for image_texts in captions]
-        texts = list(dict.fromkeys(pair_texts))  # each distinct text once, in order of first use
-        text_index = {text: index for index, text in enumerate(texts)}
-        pair_text = torch.tensor([text_index[text] for text in pair_texts], device=self.device)
-        pair_image = torch.tensor([i for i, image_texts in enumerate(captions) for _ in image_texts], device=self.device)
+        texts, text_of_pair = distinct_texts(pair_texts)
+        pair_text = torch.tensor(text_of_pair, device=self.device)
+        pair_image = torch.tensor(pair_images(captions), device=self.device)
         image_features = self.image_features(pixels)
         text_features = torch.cat([self.text_features(texts[start : start + self.text_batch_size])
                                    for start in range(0, len(texts), self.text_batch_size)])
         values = (image_features[pair_image] * text_features[pair_text]).sum(dim=-1).tolist()
-        result, offset = [], 0
-        for image_texts in captions:
-            result.append([{name: value} for value in values[offset : offset + len(image_texts)]])
-            offset += len(image_texts)
-        return result
+        return per_image([{name: value} for value in values], captions)
 
     def truncated(self, texts: list[str]) -> list[bool]:
         """Texts longer than the text tower's context (77 tokens for CLIPs), which the tokenizer cuts."""
