@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import json
-import tarfile
-
 import numpy as np
 import pytest
 import torch
@@ -18,13 +15,11 @@ from transformers import (
     OPTConfig,
 )
 
-import capfilt
 from capfilt.demo.tiny_blip2 import TEXT_POSITIONS, build_tiny_blip2
 from capfilt.errors import ModelLoadError
 from capfilt.models import filter_family, load_filter
 from capfilt.models.blip2 import Blip2Filter
-from tests.conftest import shape_items
-from tests.datasets import write_webdataset_shards
+from tests.scoring import bootstrap_with_filter, max_difference, values
 
 LONG_CAPTION = " ".join(["a small red circle next to a big blue square on a white background"] * 3)
 # Several pictures, 0 to 3 captions each, a caption the tokenizer truncates, texts repeated within and across
@@ -68,14 +63,6 @@ def plain_scores(model_dir: str, images: list[Image.Image], captions: list[list[
         inputs = processor(images=[image], text=texts, padding=True, truncation=True, return_tensors="pt")
         itc.append(model(**inputs, use_image_text_matching_head=False).logits_per_image[0].tolist())
     return {"blip2_itm": itm, "blip2_itc": itc}
-
-
-def values(scores: list[list[dict[str, float]]], name: str) -> list[list[float]]:
-    return [[pair[name] for pair in pairs] for pairs in scores]
-
-
-def max_difference(ours: list[list[float]], theirs: list[list[float]]) -> float:
-    return max(abs(a - b) for row_a, row_b in zip(ours, theirs) for a, b in zip(row_a, row_b))
 
 
 @pytest.mark.parametrize("model", ["tiny_blip2", "tiny_blip2_text_only"])
@@ -164,16 +151,10 @@ def test_a_blip2_captioner_is_refused_as_a_filter(tiny_blip2, tmp_path):
 
 
 def test_bootstrap_with_a_blip_captioner_and_a_blip2_filter(tiny_models, tiny_blip2, tmp_path):
-    write_webdataset_shards(tmp_path / "in", shape_items(8), samples_per_shard=4)
     # A rule on ITC makes the run compute it beside the family's default ITM.
-    summary = capfilt.run(str(tmp_path / "in"), str(tmp_path / "out"), "bootstrap", captioner=tiny_models[0],
-                          filter=[tiny_blip2], keep=["blip2_itc>=0.3"], batch_size=4, device="cpu", dtype="fp32",
-                          num_captions=2, num_beams=1, max_length=12, min_length=5, mode="annotate")
+    summary, run, records = bootstrap_with_filter(tiny_models[0], tiny_blip2, tmp_path, keep=["blip2_itc>=0.3"])
     assert summary.read == summary.written == 8
-    run = json.loads((tmp_path / "out" / "capfilt_run.json").read_text())
     assert run["keep"] == ["blip2_itc>=0.3"] and set(run["scores"]) == {"blip2_itm", "blip2_itc"}
-    with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
-        records = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
     captions = [caption for record in records for caption in record["synthetic_captions"]]
     assert captions and all(0 <= caption["blip2_itm_score"] <= 1 for caption in captions)
     assert all(-1 <= caption["blip2_itc_score"] <= 1 for caption in captions)

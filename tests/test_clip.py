@@ -15,6 +15,7 @@ from transformers import AutoProcessor, BertConfig, CLIPModel, CLIPTokenizer, CL
 from capfilt.demo.tiny_clip import END, START, build_tiny_clip
 from capfilt.errors import ModelLoadError
 from capfilt.models.clip import ClipFilter
+from tests.scoring import max_difference, values
 
 LONG_CAPTION = " ".join(["a small red circle next to a big blue square on a white background"] * 10)
 
@@ -56,16 +57,6 @@ def plain_scores(plain, images: list[Image.Image], captions: list[list[str]]) ->
     return result
 
 
-def values(scores: list[list[dict[str, float]]]) -> list[list[float]]:
-    return [[pair["clip"] for pair in pairs] for pairs in scores]
-
-
-def max_difference(actual: list[list[float]], expected: list[list[float]]) -> float:
-    assert [len(row) for row in actual] == [len(row) for row in expected]
-    flat = [abs(a - e) for row_a, row_e in zip(actual, expected) for a, e in zip(row_a, row_e)]
-    return max(flat, default=0.0)
-
-
 CAPTIONS = [
     ["a photo of a dog"],
     ["a red circle", "a photo of a dog", "IMG_2031.JPG with some words, and 42 digits!"],
@@ -79,20 +70,20 @@ def test_scores_equal_the_plain_call(clip_filter, plain):
     scores = clip_filter.score(images, CAPTIONS, ("clip",))
     assert [len(pairs) for pairs in scores] == [1, 3, 0, 2]
     assert all(set(pair) == {"clip"} and -1.0 <= pair["clip"] <= 1.0 for pairs in scores for pair in pairs)
-    difference = max_difference(values(scores), plain_scores(plain, images, CAPTIONS))
+    difference = max_difference(values(scores, "clip"), plain_scores(plain, images, CAPTIONS))
     print(f"max |capfilt - CLIPModel(...)| = {difference:.3g}")
     assert difference <= 1e-5
 
 
 def test_scores_do_not_depend_on_the_batch(clip_filter, tiny_clip):
     images = pictures(len(CAPTIONS))
-    together = values(clip_filter.score(images, CAPTIONS, ("clip",)))
-    alone = [values(clip_filter.score([image], [texts], ("clip",)))[0] for image, texts in zip(images, CAPTIONS)]
+    together = values(clip_filter.score(images, CAPTIONS, ("clip",)), "clip")
+    alone = [values(clip_filter.score([image], [texts], ("clip",)), "clip")[0] for image, texts in zip(images, CAPTIONS)]
     assert max_difference(alone, together) <= 1e-6
-    reversed_ = values(clip_filter.score(images[::-1], CAPTIONS[::-1], ("clip",)))[::-1]
+    reversed_ = values(clip_filter.score(images[::-1], CAPTIONS[::-1], ("clip",)), "clip")[::-1]
     assert max_difference(reversed_, together) <= 1e-6
     one_text_a_pass = ClipFilter(tiny_clip, "cpu", torch.float32, text_batch_size=1)
-    assert max_difference(values(one_text_a_pass.score(images, CAPTIONS, ("clip",))), together) <= 1e-6
+    assert max_difference(values(one_text_a_pass.score(images, CAPTIONS, ("clip",)), "clip"), together) <= 1e-6
 
 
 def test_each_image_and_each_distinct_text_is_encoded_once(clip_filter):
@@ -122,7 +113,7 @@ def test_a_caption_longer_than_77_tokens_is_truncated_as_the_tokenizer_does(clip
     assert clip_filter.tokenize([LONG_CAPTION]) == tokenizer([LONG_CAPTION], truncation=True)["input_ids"]
     images = pictures(2)
     captions = [[LONG_CAPTION, "a dog"], [LONG_CAPTION + " and more words"]]
-    scores = values(clip_filter.score(images, captions, ("clip",)))
+    scores = values(clip_filter.score(images, captions, ("clip",)), "clip")
     assert max_difference(scores, plain_scores(plain, images, captions)) <= 1e-5
     # Both long captions agree on their first 77 tokens, so they are one text for the model.
     assert clip_filter.tokenize(captions[1]) == clip_filter.tokenize(captions[0][:1])
@@ -146,10 +137,10 @@ def test_preprocessing_differs_with_the_processors_settings(tmp_path, clip_filte
 
 def test_bfloat16_is_close_to_float32(tiny_clip, clip_filter):
     images = pictures(len(CAPTIONS))
-    expected = values(clip_filter.score(images, CAPTIONS, ("clip",)))
+    expected = values(clip_filter.score(images, CAPTIONS, ("clip",)), "clip")
     bf16 = ClipFilter(tiny_clip, "cpu", torch.bfloat16)
     assert bf16.model.dtype == torch.bfloat16
-    assert max_difference(values(bf16.score(images, CAPTIONS, ("clip",))), expected) <= 3e-2
+    assert max_difference(values(bf16.score(images, CAPTIONS, ("clip",)), "clip"), expected) <= 3e-2
 
 
 def test_library_path_and_eager_attention_give_the_same_scores(tiny_clip, clip_filter, plain):
@@ -157,9 +148,9 @@ def test_library_path_and_eager_attention_give_the_same_scores(tiny_clip, clip_f
     expected = plain_scores(plain, images, CAPTIONS)
     eager = ClipFilter(tiny_clip, "cpu", torch.float32, sdpa=False)
     assert eager.model.config._attn_implementation == "eager"
-    assert max_difference(values(eager.score(images, CAPTIONS, ("clip",))), expected) <= 1e-5
+    assert max_difference(values(eager.score(images, CAPTIONS, ("clip",)), "clip"), expected) <= 1e-5
     eager.own_passes = False  # the fallback a release whose passes differ from the plain call would get
-    assert max_difference(values(eager.score(images, CAPTIONS, ("clip",))), expected) <= 1e-5
+    assert max_difference(values(eager.score(images, CAPTIONS, ("clip",)), "clip"), expected) <= 1e-5
 
 
 def test_passes_that_differ_from_the_plain_call_are_replaced_by_it(tiny_clip, plain, monkeypatch, caplog):
@@ -169,7 +160,7 @@ def test_passes_that_differ_from_the_plain_call_are_replaced_by_it(tiny_clip, pl
     fallback = ClipFilter(tiny_clip, "cpu", torch.float32)
     assert not fallback.own_passes
     images = pictures(len(CAPTIONS))
-    assert max_difference(values(fallback.score(images, CAPTIONS, ("clip",))), plain_scores(plain, images, CAPTIONS)) <= 1e-5
+    assert max_difference(values(fallback.score(images, CAPTIONS, ("clip",)), "clip"), plain_scores(plain, images, CAPTIONS)) <= 1e-5
 
 
 def test_legacy_configs_pool_at_the_highest_token_id(tiny_clip, tmp_path):
@@ -186,8 +177,8 @@ def test_legacy_configs_pool_at_the_highest_token_id(tiny_clip, tmp_path):
     assert legacy_filter.model.text_model.eos_token_id == 2 and legacy_filter.own_passes
     plain_legacy = CLIPModel.from_pretrained(legacy).eval(), AutoProcessor.from_pretrained(legacy)
     images = pictures(len(CAPTIONS))
-    together = values(legacy_filter.score(images, CAPTIONS, ("clip",)))
-    alone = [values(legacy_filter.score([image], [texts], ("clip",)))[0] for image, texts in zip(images, CAPTIONS)]
+    together = values(legacy_filter.score(images, CAPTIONS, ("clip",)), "clip")
+    alone = [values(legacy_filter.score([image], [texts], ("clip",)), "clip")[0] for image, texts in zip(images, CAPTIONS)]
     assert max_difference(together, plain_scores(plain_legacy, images, CAPTIONS)) <= 1e-5
     assert max_difference(alone, together) <= 1e-6
 

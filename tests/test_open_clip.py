@@ -6,20 +6,16 @@ where `capfilt[open_clip]` is installed (`.ci/run`'s third environment); the fam
 from __future__ import annotations
 
 import importlib.util
-import json
-import tarfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import capfilt
 from capfilt.errors import ModelLoadError
 from capfilt.models import filter_family, load_filter
 from capfilt.models.openclip import OpenClipFilter
-from tests.conftest import shape_items
-from tests.datasets import write_webdataset_shards
+from tests.scoring import bootstrap_with_filter, max_difference, values
 
 HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None and importlib.util.find_spec("torchvision") is not None
 needs_open_clip = pytest.mark.skipif(not HAS_OPEN_CLIP, reason="open_clip is not installed (pip install 'capfilt[open_clip]')")
@@ -61,20 +57,12 @@ def plain_scores(folder: str, images: list[Image.Image], captions: list[list[str
     return result
 
 
-def values(scores: list[list[dict[str, float]]]) -> list[list[float]]:
-    return [[pair["clip"] for pair in pairs] for pairs in scores]
-
-
-def max_difference(ours: list[list[float]], theirs: list[list[float]]) -> float:
-    return max(abs(a - b) for row_a, row_b in zip(ours, theirs) for a, b in zip(row_a, row_b))
-
-
 @needs_open_clip
 def test_open_clip_scores_equal_encode_image_and_encode_text(tiny_open_clip):
     model = load_filter(f"open_clip:{tiny_open_clip}", "cpu", torch.float32)
     assert isinstance(model, OpenClipFilter)
     images = pictures(len(CAPTIONS))
-    ours = values(model.score(images, CAPTIONS, ("clip",)))
+    ours = values(model.score(images, CAPTIONS, ("clip",)), "clip")
     theirs = plain_scores(tiny_open_clip, images, CAPTIONS)
     assert [len(row) for row in ours] == [len(row) for row in CAPTIONS]
     assert max_difference(ours, theirs) <= 1e-5
@@ -88,9 +76,9 @@ def test_text_passes_and_bf16(tiny_open_clip):
     theirs = plain_scores(tiny_open_clip, images, CAPTIONS)
     # One distinct text per pass: texts split across passes still land on their pairs.
     small_passes = OpenClipFilter(f"open_clip:{tiny_open_clip}", "cpu", torch.float32, text_batch_size=1)
-    assert max_difference(values(small_passes.score(images, CAPTIONS, ("clip",))), theirs) <= 1e-5
+    assert max_difference(values(small_passes.score(images, CAPTIONS, ("clip",)), "clip"), theirs) <= 1e-5
     bf16 = OpenClipFilter(f"open_clip:{tiny_open_clip}", "cpu", torch.bfloat16)
-    assert max_difference(values(bf16.score(images, CAPTIONS, ("clip",))), theirs) <= 3e-2
+    assert max_difference(values(bf16.score(images, CAPTIONS, ("clip",)), "clip"), theirs) <= 3e-2
 
 
 @needs_open_clip
@@ -100,10 +88,10 @@ def test_an_architecture_with_a_checkpoint_file_and_the_local_dir_schema(tiny_op
     from capfilt.demo.tiny_open_clip import ARCHITECTURE
 
     images, captions = pictures(2), [["a red circle"], ["a blue square", "IMG_2031.JPG"]]
-    expected = values(load_filter(f"open_clip:{tiny_open_clip}", "cpu", torch.float32).score(images, captions, ["clip"]))
+    expected = values(load_filter(f"open_clip:{tiny_open_clip}", "cpu", torch.float32).score(images, captions, ["clip"]), "clip")
     for model_id in (f"open_clip:{ARCHITECTURE}/{tiny_open_clip}/open_clip_model.safetensors",
                      f"open_clip:local-dir:{tiny_open_clip}"):
-        got = values(load_filter(model_id, "cpu", torch.float32).score(images, captions, ["clip"]))
+        got = values(load_filter(model_id, "cpu", torch.float32).score(images, captions, ["clip"]), "clip")
         assert max_difference(got, expected) <= 1e-6, model_id
 
 
@@ -135,14 +123,8 @@ def test_without_the_extra_the_error_says_how_to_install_it():
 
 @needs_open_clip
 def test_bootstrap_with_a_blip_captioner_and_an_open_clip_filter(tiny_models, tiny_open_clip, tmp_path):
-    write_webdataset_shards(tmp_path / "in", shape_items(8), samples_per_shard=4)
-    summary = capfilt.run(str(tmp_path / "in"), str(tmp_path / "out"), "bootstrap", captioner=tiny_models[0],
-                          filter=[f"open_clip:{tiny_open_clip}"], batch_size=4, device="cpu", dtype="fp32",
-                          num_captions=2, num_beams=1, max_length=12, min_length=5, mode="annotate")
+    summary, run, records = bootstrap_with_filter(tiny_models[0], f"open_clip:{tiny_open_clip}", tmp_path)
     assert summary.read == summary.written == 8
-    run = json.loads((tmp_path / "out" / "capfilt_run.json").read_text())
     assert run["keep"] == ["clip>=0.28"] and set(run["scores"]) == {"clip"}
-    with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
-        records = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
     assert all(-1 <= caption["clip_score"] <= 1 for record in records for caption in record["synthetic_captions"])
     assert any(record.get("web_clip_score") is not None for record in records)

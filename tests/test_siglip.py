@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from capfilt.models import filter_family, load_filter
 from capfilt.models.siglip import SiglipFilter
 from tests.conftest import shape_items
 from tests.datasets import write_webdataset_shards
+from tests.scoring import bootstrap_with_filter, max_difference, values
 
 LONG_CAPTION = " ".join(["a small red circle next to a big blue square on a white background"] * 5)
 CAPTIONS = [["a red circle", "IMG_2031.JPG", LONG_CAPTION], [], ["a blue square", "a red circle"], [LONG_CAPTION]]
@@ -46,19 +46,11 @@ def plain_scores(model_dir: str, images: list[Image.Image], captions: list[list[
     return result
 
 
-def values(scores: list[list[dict[str, float]]]) -> list[list[float]]:
-    return [[pair["siglip"] for pair in pairs] for pairs in scores]
-
-
-def max_difference(ours: list[list[float]], theirs: list[list[float]]) -> float:
-    return max(abs(a - b) for row_a, row_b in zip(ours, theirs) for a, b in zip(row_a, row_b))
-
-
 def test_siglip_scores_equal_the_plain_call_in_one_batch(tiny_siglip):
     siglip = load_filter(tiny_siglip, "cpu", torch.float32)
     assert isinstance(siglip, SiglipFilter) and siglip.own_passes
     images = pictures(len(CAPTIONS))
-    ours = values(siglip.score(images, CAPTIONS, ("siglip",)))
+    ours = values(siglip.score(images, CAPTIONS, ("siglip",)), "siglip")
     theirs = plain_scores(tiny_siglip, images, CAPTIONS)
     assert [len(row) for row in ours] == [len(row) for row in CAPTIONS]
     assert max_difference(ours, theirs) <= 1e-5
@@ -72,9 +64,9 @@ def test_the_library_path_and_bf16_agree(tiny_siglip):
     theirs = plain_scores(tiny_siglip, images, CAPTIONS)
     fallback = SiglipFilter(tiny_siglip, "cpu", torch.float32)
     fallback.own_passes = False  # what a release whose passes differ from the plain call gets
-    assert max_difference(values(fallback.score(images, CAPTIONS, ("siglip",))), theirs) <= 1e-5
+    assert max_difference(values(fallback.score(images, CAPTIONS, ("siglip",)), "siglip"), theirs) <= 1e-5
     bf16 = SiglipFilter(tiny_siglip, "cpu", torch.bfloat16)
-    assert max_difference(values(bf16.score(images, CAPTIONS, ("siglip",))), theirs) <= 3e-2
+    assert max_difference(values(bf16.score(images, CAPTIONS, ("siglip",)), "siglip"), theirs) <= 3e-2
 
 
 def test_siglip_declares_its_score_and_default_rule(tiny_siglip):
@@ -84,15 +76,9 @@ def test_siglip_declares_its_score_and_default_rule(tiny_siglip):
 
 
 def test_bootstrap_with_a_blip_captioner_and_a_siglip_filter(tiny_models, tiny_siglip, tmp_path):
-    write_webdataset_shards(tmp_path / "in", shape_items(8), samples_per_shard=4)
-    summary = capfilt.run(str(tmp_path / "in"), str(tmp_path / "out"), "bootstrap", captioner=tiny_models[0],
-                          filter=[tiny_siglip], batch_size=4, device="cpu", dtype="fp32", num_captions=2,
-                          num_beams=1, max_length=12, min_length=5, mode="annotate")
+    summary, run, records = bootstrap_with_filter(tiny_models[0], tiny_siglip, tmp_path)
     assert summary.read == summary.written == 8
-    run = json.loads((tmp_path / "out" / "capfilt_run.json").read_text())
     assert run["keep"] == ["siglip>=0.1"] and set(run["scores"]) == {"siglip"}
-    with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
-        records = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
     assert all(0 <= caption["siglip_score"] <= 1 for record in records for caption in record["synthetic_captions"])
     assert any(record.get("web_siglip_score") is not None for record in records)
 

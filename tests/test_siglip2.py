@@ -3,23 +3,18 @@
 
 from __future__ import annotations
 
-import json
-import tarfile
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoProcessor, Siglip2Model
 
-import capfilt
 from capfilt.demo.tiny_siglip2 import build_tiny_siglip2
 from capfilt.errors import ModelLoadError
 from capfilt.models import filter_family, load_filter
 from capfilt.models.siglip import SiglipFilter
 from capfilt.models.siglip2 import Siglip2Filter, pack, unpack
-from tests.conftest import shape_items
-from tests.datasets import write_webdataset_shards
+from tests.scoring import bootstrap_with_filter, max_difference, values
 
 MAX_NUM_PATCHES = 16
 LONG_CAPTION = " ".join(["a small red circle next to a big blue square on a white background"] * 8)
@@ -56,15 +51,6 @@ def plain_scores(model_dir: str, images: list[Image.Image], captions: list[list[
     return result
 
 
-def values(scores: list[list[dict[str, float]]]) -> list[list[float]]:
-    return [[pair["siglip"] for pair in pairs] for pairs in scores]
-
-
-def max_difference(ours: list[list[float]], theirs: list[list[float]]) -> float:
-    assert [len(row) for row in ours] == [len(row) for row in theirs]
-    return max(abs(a - b) for row_a, row_b in zip(ours, theirs) for a, b in zip(row_a, row_b))
-
-
 def test_the_pictures_have_different_patch_grids_and_pack_into_one_shape(tiny_siglip2):
     processor = AutoProcessor.from_pretrained(tiny_siglip2).image_processor
     inputs = processor(images=pictures(), return_tensors="pt")
@@ -85,14 +71,14 @@ def test_siglip2_scores_equal_the_plain_call_in_one_batch(tiny_siglip2):
     siglip2 = load_filter(tiny_siglip2, "cpu", torch.float32)
     assert isinstance(siglip2, Siglip2Filter) and siglip2.own_passes
     images = pictures()
-    ours = values(siglip2.score(images, CAPTIONS, ("siglip",)))
+    ours = values(siglip2.score(images, CAPTIONS, ("siglip",)), "siglip")
     theirs = plain_scores(tiny_siglip2, images, CAPTIONS)
     assert max_difference(ours, theirs) <= 1e-5
     # The scores spread over (0, 1): a test of probabilities all near 0 would show nothing.
     flat = [value for row in ours for value in row]
     assert 0 < min(flat) and max(flat) < 1 and max(flat) - min(flat) > 0.05
     # SigLIP 2's tokenizer lowercases, as the plain call does.
-    assert ours[4][0] == pytest.approx(values(siglip2.score(images[4:], [["a red circle"]], ("siglip",)))[0][0],
+    assert ours[4][0] == pytest.approx(values(siglip2.score(images[4:], [["a red circle"]], ("siglip",)), "siglip")[0][0],
                                        abs=1e-6)
 
 
@@ -101,10 +87,10 @@ def test_the_library_path_and_bf16_agree(tiny_siglip2):
     theirs = plain_scores(tiny_siglip2, images, CAPTIONS)
     fallback = Siglip2Filter(tiny_siglip2, "cpu", torch.float32)
     fallback.own_passes = False  # what a release whose passes differ from the plain call gets
-    assert max_difference(values(fallback.score(images, CAPTIONS, ("siglip",))), theirs) <= 1e-5
+    assert max_difference(values(fallback.score(images, CAPTIONS, ("siglip",)), "siglip"), theirs) <= 1e-5
     bf16 = Siglip2Filter(tiny_siglip2, "cpu", torch.bfloat16)
     assert bf16.own_passes
-    assert max_difference(values(bf16.score(images, CAPTIONS, ("siglip",))), theirs) <= 3e-2
+    assert max_difference(values(bf16.score(images, CAPTIONS, ("siglip",)), "siglip"), theirs) <= 3e-2
 
 
 def test_a_tokenizer_that_pads_on_the_left(tmp_path):
@@ -115,9 +101,9 @@ def test_a_tokenizer_that_pads_on_the_left(tmp_path):
     assert siglip2.processor.tokenizer.padding_side == "left" and siglip2.own_passes
     images = pictures()
     theirs = plain_scores(model_dir, images, CAPTIONS)
-    assert max_difference(values(siglip2.score(images, CAPTIONS, ("siglip",))), theirs) <= 1e-5
+    assert max_difference(values(siglip2.score(images, CAPTIONS, ("siglip",)), "siglip"), theirs) <= 1e-5
     siglip2.own_passes = False
-    assert max_difference(values(siglip2.score(images, CAPTIONS, ("siglip",))), theirs) <= 1e-5
+    assert max_difference(values(siglip2.score(images, CAPTIONS, ("siglip",)), "siglip"), theirs) <= 1e-5
 
 
 def test_the_family_is_chosen_by_model_type(tiny_siglip2):
@@ -129,14 +115,8 @@ def test_the_family_is_chosen_by_model_type(tiny_siglip2):
 
 
 def test_bootstrap_with_a_blip_captioner_and_a_siglip2_filter(tiny_models, tiny_siglip2, tmp_path):
-    write_webdataset_shards(tmp_path / "in", shape_items(8), samples_per_shard=4)
-    summary = capfilt.run(str(tmp_path / "in"), str(tmp_path / "out"), "bootstrap", captioner=tiny_models[0],
-                          filter=[tiny_siglip2], batch_size=4, device="cpu", dtype="fp32", num_captions=2,
-                          num_beams=1, max_length=12, min_length=5, mode="annotate")
+    summary, run, records = bootstrap_with_filter(tiny_models[0], tiny_siglip2, tmp_path)
     assert summary.read == summary.written == 8
-    run = json.loads((tmp_path / "out" / "capfilt_run.json").read_text())
     assert run["keep"] == ["siglip>=0.1"] and set(run["scores"]) == {"siglip"}
-    with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
-        records = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
     assert all(0 <= caption["siglip_score"] <= 1 for record in records for caption in record["synthetic_captions"])
     assert any(record.get("web_siglip_score") is not None for record in records)
