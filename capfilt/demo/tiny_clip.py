@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -45,13 +46,11 @@ def byte_alphabet() -> tuple[str, ...]:
     return tuple(characters[byte] for byte in [*printable, *others])
 
 
-def vocabulary(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """The tokenizer's vocabulary (token → id) and its merges in rank order."""
-    alphabet = byte_alphabet()
-    tokens = [*alphabet, *(character + END_OF_WORD for character in alphabet)]
+def add_merges(tokens: list[str], words: Iterable[Sequence[str]]) -> list[tuple[str, str]]:
+    """BPE merges in rank order that build each word from its pieces (a string: its characters), left to right;
+    each merged piece not yet in `tokens` is appended to it. The tiny builders' tokenizers all learn this way."""
     known, merges = set(tokens), []
-    for word in words:
-        pieces = [*word[:-1], word[-1] + END_OF_WORD]
+    for pieces in words:
         merged = pieces[0]
         for piece in pieces[1:]:
             pair, merged = (merged, piece), merged + piece
@@ -59,6 +58,14 @@ def vocabulary(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], list[tup
                 known.add(merged)
                 tokens.append(merged)
                 merges.append(pair)
+    return merges
+
+
+def vocabulary(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The tokenizer's vocabulary (token → id) and its merges in rank order."""
+    alphabet = byte_alphabet()
+    tokens = [*alphabet, *(character + END_OF_WORD for character in alphabet)]
+    merges = add_merges(tokens, ([*word[:-1], word[-1] + END_OF_WORD] for word in words))
     tokens += [START, END]
     return {token: index for index, token in enumerate(tokens)}, merges
 

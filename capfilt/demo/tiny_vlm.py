@@ -23,7 +23,7 @@ from transformers import (
     Idefics3Processor,
 )
 
-from capfilt.demo.tiny_clip import WORDS, byte_alphabet
+from capfilt.demo.tiny_clip import WORDS, add_merges, byte_alphabet
 
 END, IM_START, END_OF_UTTERANCE = "<|endoftext|>", "<|im_start|>", "<end_of_utterance>"
 IMAGE, FAKE_IMAGE, GLOBAL_IMAGE = "<image>", "<fake_token_around_image>", "<global-img>"
@@ -43,16 +43,8 @@ CHAT_TEMPLATE = (
 def vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Byte-level BPE vocabulary (token → id) and merges in rank order: the 256 byte characters, the merged
     pieces of a few common words and of the chat's words, then the special tokens."""
-    tokens, merges = list(byte_alphabet()), []
-    known = set(tokens)
-    for word in (*WORDS, "User", "Assistant", "Describe", "this", "one", "sentence"):
-        merged = word[0]
-        for character in word[1:]:
-            pair, merged = (merged, character), merged + character
-            if merged not in known:
-                known.add(merged)
-                tokens.append(merged)
-                merges.append(pair)
+    tokens = list(byte_alphabet())
+    merges = add_merges(tokens, (*WORDS, "User", "Assistant", "Describe", "this", "one", "sentence"))
     tokens += SPECIAL
     return {token: index for index, token in enumerate(tokens)}, merges
 

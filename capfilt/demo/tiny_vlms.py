@@ -37,7 +37,7 @@ from transformers import (
     SiglipImageProcessorPil,
 )
 
-from capfilt.demo.tiny_clip import WORDS, byte_alphabet
+from capfilt.demo.tiny_clip import WORDS, add_merges, byte_alphabet
 
 # The words the tiny tokenizers merge: the shapes domain's and the prompts'.
 PROMPT_WORDS = (*WORDS, "caption", "en", "What", "does", "describe", "Describe", "this", "one", "sentence",
@@ -46,17 +46,10 @@ PROMPT_WORDS = (*WORDS, "caption", "en", "What", "does", "describe", "Describe",
 
 def byte_level_vocabulary(special: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Byte-level BPE vocabulary (token → id) and merges in rank order: the 256 byte characters, the merged
-    pieces of `PROMPT_WORDS` (also after a space, "Ġ"), then `special`."""
-    tokens, merges = list(byte_alphabet()), []
+    pieces of `PROMPT_WORDS`, then `special`."""
+    tokens = list(byte_alphabet())
+    merges = add_merges(tokens, PROMPT_WORDS)
     known = set(tokens)
-    for word in PROMPT_WORDS:
-        merged = word[0]
-        for character in word[1:]:
-            pair, merged = (merged, character), merged + character
-            if merged not in known:
-                known.add(merged)
-                tokens.append(merged)
-                merges.append(pair)
     tokens += [token for token in special if token not in known]
     return {token: index for index, token in enumerate(tokens)}, merges
 
@@ -84,15 +77,7 @@ def gemma_tokenizer() -> GemmaTokenizer:
     `PROMPT_WORDS`."""
     tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", *(f"<0x{byte:02X}>" for byte in range(256)), "▁",
               *(chr(code) for code in range(ord("!"), ord("~") + 1))]
-    known, merges = set(tokens), []
-    for word in PROMPT_WORDS:
-        merged = word[0]
-        for character in word[1:]:
-            pair, merged = (merged, character), merged + character
-            if merged not in known:
-                known.add(merged)
-                tokens.append(merged)
-                merges.append(pair)
+    merges = add_merges(tokens, PROMPT_WORDS)
     return GemmaTokenizer(vocab={token: index for index, token in enumerate(tokens)}, merges=merges)
 
 
