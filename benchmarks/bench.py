@@ -514,6 +514,21 @@ def release_memory() -> None:
 # --- main ---------------------------------------------------------------------------------------------------
 
 
+def settle_device_and_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The defaults that depend on the device, checked: --dtype auto (bf16 on GPU, fp32 on CPU), --batch-size
+    (32 on GPU, 8 on CPU) and N, M (one and three batches). Shared by the benchmarks."""
+    args.device = torch.device(args.device)
+    if args.dtype == "auto":
+        args.dtype = "bf16" if args.device.type == "cuda" else "fp32"
+    if args.dtype not in DTYPES:
+        parser.error(f"--dtype: one of auto, {', '.join(DTYPES)}")
+    args.batch_size = args.batch_size or (32 if args.device.type == "cuda" else 8)
+    args.images_small = args.images_small or args.batch_size
+    args.images_large = args.images_large or 3 * args.batch_size
+    if not 0 < args.images_small < args.images_large:
+        parser.error("need 0 < --images-small < --images-large")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=["tiny", *SIZES], default="tiny")
@@ -529,16 +544,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads of the plain loop and of each capfilt model "
                         "stage (default: each one's own default)")
     args = parser.parse_args(argv)
-    args.device = torch.device(args.device)
-    if args.dtype == "auto":
-        args.dtype = "bf16" if args.device.type == "cuda" else "fp32"
-    if args.dtype not in DTYPES:
-        parser.error(f"--dtype: one of auto, {', '.join(DTYPES)}")
-    args.batch_size = args.batch_size or (32 if args.device.type == "cuda" else 8)
-    args.images_small = args.images_small or args.batch_size
-    args.images_large = args.images_large or 3 * args.batch_size
-    if not 0 < args.images_small < args.images_large:
-        parser.error("need 0 < --images-small < --images-large")
+    settle_device_and_sizes(parser, args)
     if args.images_small % args.batch_size or args.images_large % args.batch_size:
         # With a partial batch, t_M - t_N also holds the difference between two batch sizes' efficiency.
         log("note: N and M are not multiples of the batch size; batched per-image costs are then approximate")

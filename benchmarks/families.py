@@ -108,7 +108,7 @@ from PIL import Image
 from transformers.utils import logging as transformers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import Run, log, make_items, peak_flops, release_memory, write_shard
+from bench import Run, log, make_items, peak_flops, release_memory, settle_device_and_sizes, write_shard
 
 import capfilt
 from capfilt.config import DTYPES, DecodingSettings
@@ -939,16 +939,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="runs on N and on M images; the fastest counts")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    args.device = torch.device(args.device)
-    if args.dtype == "auto":
-        args.dtype = "bf16" if args.device.type == "cuda" else "fp32"
-    if args.dtype not in DTYPES:
-        parser.error(f"--dtype: one of auto, {', '.join(DTYPES)}")
-    args.batch_size = args.batch_size or (32 if args.device.type == "cuda" else 8)
-    args.images_small = args.images_small or args.batch_size
-    args.images_large = args.images_large or 3 * args.batch_size
-    if not 0 < args.images_small < args.images_large:
-        parser.error("need 0 < --images-small < --images-large")
+    settle_device_and_sizes(parser, args)
     names = args.families.split(",") if args.families else list(FAMILIES)
     unknown = [name for name in names if name not in FAMILIES]
     if unknown:
