@@ -45,8 +45,7 @@ def make_output(source: Path, target: Path, shards: int) -> None:
         (target / f"{name}_stats.json").write_text(json.dumps(record))
         stats.append(ShardStats.from_record(record))
     shutil.copyfile(source / "capfilt_run.json", target / "capfilt_run.json")
-    summary = RunSummary.merge(stats, 1.0)
-    summary.keep = json.loads((source / "capfilt_run.json").read_text())["keep"]
+    summary = RunSummary.merge(stats, 1.0, json.loads((source / "capfilt_run.json").read_text())["keep"])
     (target / "capfilt_summary.json").write_text(json.dumps(summary.record()))
 
 

@@ -119,8 +119,8 @@ class Pipeline:
                         f"run stopped: {stats.error} (tracebacks in their _stats.json files, or with --debug); "
                         "the output keeps the finished shards and a rerun resumes"
                     )
-            summary = RunSummary.merge([done[shard.name] for shard in self.shards], time.perf_counter() - started)
-            summary.keep = list(self.config.keep or ())
+            summary = RunSummary.merge([done[shard.name] for shard in self.shards], time.perf_counter() - started,
+                                       self.config.keep or ())
             if whole_run:  # a share of a split job leaves the run summary to `capfilt summary`
                 self.output.write_json(self.output.file(SUMMARY_FILE), summary.record())
                 if self.config.report:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from typing import TYPE_CHECKING, Self
@@ -23,7 +22,7 @@ from rich.text import Text
 
 from capfilt.observer import Observer
 from capfilt.sample import Reject, Sample
-from capfilt.stats import HISTOGRAM_BINS, RunSummary, ShardStats, dense, occupied_range
+from capfilt.stats import HISTOGRAM_BINS, RunSummary, ShardStats, dense, occupied_range, rebinned
 
 if TYPE_CHECKING:
     from capfilt.formats.base import Shard
@@ -166,7 +165,7 @@ def histogram_rows(summary: RunSummary, width: int = 48) -> list[tuple[str, str]
     rule = next((rule for rule in rules if rule.score == name), None)
     first, last = occupied_range(counts, low, high, [rule.value] if rule else [])
     edges = np.linspace(first, last, width + 1).round().astype(int)
-    columns = np.array([counts[a:b].sum() for a, b in itertools.pairwise(edges)])
+    columns = rebinned(counts, edges)
     levels = np.ceil(columns / max(int(columns.max()), 1) * (len(BLOCKS) - 1)).astype(int)
     bins = (high - low) / HISTOGRAM_BINS
     start, end = low + first * bins, low + last * bins

@@ -45,7 +45,7 @@ from capfilt.output import DROPPED_DIR, LOCK_FILE, RUN_FILE, SUMMARY_FILE, held_
 from capfilt.paths import open_output, resolve_input
 from capfilt.sample import Caption, Reject, Sample
 from capfilt.schema import sample_from_dropped_record
-from capfilt.stats import HISTOGRAM_BINS, RunSummary, dense, occupied_range
+from capfilt.stats import HISTOGRAM_BINS, RunSummary, dense, occupied_range, rebinned
 
 REPORT_FILE = "report.html"
 SAMPLED_SHARDS = 4  # shards whose first samples fill the grids
@@ -323,8 +323,7 @@ def score_plots(name: str, summary: RunSummary, rules: tuple[KeepRule, ...]) -> 
             f'<text class="label" x="{WIDTH - MARGIN - 24}" y="{HEIGHT - MARGIN + 14}">{low + last * width:.3g}</text>')
     # Histogram: PLOT_BINS bars over the occupied range, web stacked under synthetic.
     edges = np.linspace(first, last, PLOT_BINS + 1).round().astype(int)
-    web_bars = np.array([web[a:b].sum() for a, b in itertools.pairwise(edges)])
-    all_bars = np.array([every[a:b].sum() for a, b in itertools.pairwise(edges)])
+    web_bars, all_bars = rebinned(web, edges), rebinned(every, edges)
     synthetic_bars = np.maximum(all_bars - web_bars, 0)
     tallest = max(int(all_bars.max()), 1)
     plot_height = HEIGHT - 1.5 * MARGIN

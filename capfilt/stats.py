@@ -8,7 +8,9 @@ many images a threshold keeps.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -102,6 +104,11 @@ def occupied_range(counts: np.ndarray, low: float, high: float, marks: list[floa
     return first, last
 
 
+def rebinned(counts: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """The fine bins summed into columns: column i holds the bins [edges[i], edges[i + 1])."""
+    return np.array([counts[start:end].sum() for start, end in itertools.pairwise(edges)])
+
+
 def dense(sparse: dict[str, int]) -> np.ndarray:
     counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
     for index, count in sparse.items():
@@ -122,12 +129,13 @@ class RunSummary(Counts):
     shard_counts: dict[str, list[int]] = field(default_factory=dict)
     failed_shards: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
-    # The keep rules the counts follow (set by the run that merged the stats).
+    # The keep rules the counts follow.
     keep: list[str] = field(default_factory=list)
 
     @classmethod
-    def merge(cls, shard_stats: list[ShardStats], seconds: float) -> RunSummary:
-        summary = cls(shards=len(shard_stats), seconds=round(seconds, 3))
+    def merge(cls, shard_stats: list[ShardStats], seconds: float, keep: Sequence[str] = ()) -> RunSummary:
+        """The shards' stats summed, for a run whose keep rules were `keep`."""
+        summary = cls(shards=len(shard_stats), seconds=round(seconds, 3), keep=list(keep))
         reasons: Counter[str] = Counter()
         truncated: Counter[str] = Counter()
         merged: dict[str, dict[str, Counter[str]]] = {"histograms": {}, "web_histograms": {}, "best_histograms": {}}
