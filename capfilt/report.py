@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from fsspec import AbstractFileSystem
 
-from capfilt.errors import CapfiltError, OutputError
+from capfilt.errors import CapfiltError, OutputError, one_line
 from capfilt.formats import FORMATS
 from capfilt.formats.base import Format, Shard
 from capfilt.keep import KeepRule, KeepRules
@@ -101,6 +101,8 @@ class Sampled:
     dropped: list[Sample] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
     dropped_images: bool = False
+    # Drawn shards that broke off while being read (the samples before the break are kept), and why.
+    unreadable: dict[str, str] = field(default_factory=dict)
 
 
 def sample_output(fs: AbstractFileSystem, folder: str, output: str, settings: dict[str, Any], summary: RunSummary,
@@ -109,14 +111,18 @@ def sample_output(fs: AbstractFileSystem, folder: str, output: str, settings: di
     fmt, drawn = drawn_shards(fs, folder, output, settings, summary, storage_options, seed)
     found = Sampled(shards=[shard.name for shard in drawn], dropped_images=bool(settings.get("keep_dropped")))
     for shard in drawn:
-        found.written += first_samples(fmt.read_shard(fs, shard, None))
-        if found.dropped_images:
-            found.dropped += first_samples(dropped_shard(fs, fmt, folder, shard.name))
-        else:
-            found.dropped += [sample_from_dropped_record(record) for record in
-                              first_records(fs, f"{folder}/{shard.name}_dropped.jsonl")]
-        found.rejects += [Reject(r["key"], r["reason"], r.get("detail", "")) for r in
-                          first_records(fs, f"{folder}/{shard.name}_rejects.jsonl")]
+        # A shard damaged since its run wrote it costs the page its samples, not the page.
+        try:
+            first_samples(fmt.read_shard(fs, shard, None), found.written)
+            if found.dropped_images:
+                first_samples(dropped_shard(fs, fmt, folder, shard.name), found.dropped)
+            else:
+                found.dropped += [sample_from_dropped_record(record) for record in
+                                  first_records(fs, f"{folder}/{shard.name}_dropped.jsonl")]
+            found.rejects += [Reject(r["key"], r["reason"], r.get("detail", "")) for r in
+                              first_records(fs, f"{folder}/{shard.name}_rejects.jsonl")]
+        except (CapfiltError, OSError, ValueError, KeyError) as error:
+            found.unreadable[shard.name] = one_line(error)
     return found
 
 
@@ -153,8 +159,11 @@ def shard_format(fs: AbstractFileSystem, folder: str, name: str) -> Format | Non
     return None
 
 
-def first_samples(items: Iterable[Sample | Reject]) -> list[Sample]:
-    return list(itertools.islice((item for item in items if isinstance(item, Sample)), SAMPLES_PER_SHARD))
+def first_samples(items: Iterable[Sample | Reject], into: list[Sample]) -> None:
+    """The first SAMPLES_PER_SHARD samples of `items` appended to `into` as they are read, so that those read
+    before a break are kept."""
+    for sample in itertools.islice((item for item in items if isinstance(item, Sample)), SAMPLES_PER_SHARD):
+        into.append(sample)
 
 
 def dropped_shard(fs: AbstractFileSystem, fmt: Format, folder: str, name: str) -> Iterable[Sample | Reject]:
@@ -410,6 +419,9 @@ def grids(sampled: Sampled, name: str | None, rules: tuple[KeepRule, ...]) -> st
               "kept. Run with --keep-dropped to keep them (in OUTPUT/.dropped/) and see them here.")
     drawn = (f"<p>From the first {SAMPLES_PER_SHARD} samples of each of {len(sampled.shards)} shard(s) drawn at "
              f"random: {e(', '.join(sampled.shards))}.</p>")
+    unreadable = "".join(f"<li>{e(name)}: {e(error)}</li>" for name, error in sampled.unreadable.items())
+    if unreadable:
+        drawn += f'<p>Shards that broke off while the report read them:</p><ul id="unreadable-shards">{unreadable}</ul>'
     parts = [drawn, f'<p id="dropped-source">{e(source)}</p>',
              grid("best", f"Best kept, by {name}", best[:GRID_SIZE], name),
              grid("dropped", "Dropped", rng.sample(dropped, min(GRID_SIZE, len(dropped))), name),

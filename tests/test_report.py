@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tarfile
 from collections import Counter
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from fsspec.implementations.local import LocalFileSystem
@@ -226,3 +228,15 @@ def test_the_end_of_run_summary_draws_the_main_score(tmp_path):
     assert "itm histogram" in text and "▲ itm>=0.5" in text
     marker_line = next(line for line in text.splitlines() if "▲ itm>=0.5" in line)
     assert marker_line.count("▲") == 2  # the label's and the mark under the threshold's column
+
+
+def test_a_shard_damaged_since_the_run_costs_the_page_its_samples_only(reported, tmp_path):
+    """A drawn shard that breaks off while the report reads it: the page is written, keeps the samples read
+    before the break and names the shard."""
+    out = tmp_path / "out"
+    shutil.copytree(reported[0], out)
+    tar = out / "00001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # cut mid-member
+    page = Path(write_report(str(out))).read_text()
+    assert 'id="unreadable-shards"' in page and "<li>00001: " in page
+    assert f'data-count="read">{reported[1].read}<' in page
