@@ -163,7 +163,7 @@ def first_samples(items: Iterable[Sample | Reject], into: list[Sample]) -> None:
     """The first SAMPLES_PER_SHARD samples of `items` appended to `into` as they are read, so that those read
     before a break are kept."""
     for sample in itertools.islice((item for item in items if isinstance(item, Sample)), SAMPLES_PER_SHARD):
-        into.append(sample)
+        into.append(sample)  # noqa: PERF402 (one by one: those read before a break are kept)
 
 
 def dropped_shard(fs: AbstractFileSystem, fmt: Format, folder: str, name: str) -> Iterable[Sample | Reject]:
