@@ -19,9 +19,6 @@ from transformers import (
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
     LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
 )
 
 from capfilt.models.base import Captioner, DecodingSettings, Filter, longer_than, pair_images, per_image
@@ -31,7 +28,7 @@ from capfilt.models.fast_paths import checked, close, failure, same_tokens
 from capfilt.models.image_input import ProcessorImageInput
 from capfilt.models.loading import load_pretrained
 from capfilt.models.registry import register_captioner, register_filter
-from capfilt.models.sampling import KeyedGumbelNoise, sample_seed
+from capfilt.models.sampling import KeyedGumbelNoise, sample_seed, sampling_warpers
 from capfilt.scores import Score
 
 
@@ -156,7 +153,7 @@ class BlipCaptioner(ProcessorImageInput, Captioner):
                                   **lengths)
         # Nucleus sampling: one row per caption, each decoded greedily over its own keyed noise.
         seeds = [sample_seed(s.seed, key, j) for key in keys for j in range(s.num_captions)]
-        warpers = [*self._warpers(s), KeyedGumbelNoise(seeds)]
+        warpers = [*sampling_warpers(self.model.generation_config, s.top_p), KeyedGumbelNoise(seeds)]
         if decoder is not None:
             return decoder.greedy(image_embeds, self.prompt_ids, s.num_captions, warpers=warpers, **lengths)
         return self._generate(image_embeds.repeat_interleave(s.num_captions, dim=0),
@@ -176,18 +173,6 @@ class BlipCaptioner(ProcessorImageInput, Captioner):
             do_sample=False,
             **decoding,
         )
-
-    def _warpers(self, s: DecodingSettings) -> list:
-        """The filters `generate(do_sample=True)` would apply: the checkpoint's temperature and top-k, our top-p."""
-        generation = self.model.generation_config
-        warpers = []
-        if generation.temperature is not None and generation.temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(generation.temperature))
-        if generation.top_k:
-            warpers.append(TopKLogitsWarper(generation.top_k))
-        if s.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(s.top_p))
-        return warpers
 
 
 # Two captions for the filter's probe: one short, one near BLIP's 35 tokens after truncation.

@@ -39,11 +39,7 @@ from transformers import (
     AutoProcessor,
     Blip2ForConditionalGeneration,
     Blip2ForImageTextRetrieval,
-    LogitsProcessor,
     LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
 )
 
 from capfilt.errors import ModelLoadError
@@ -52,7 +48,7 @@ from capfilt.models.fast_paths import checked, close, same_tokens
 from capfilt.models.image_input import ProcessorImageInput
 from capfilt.models.loading import load_pretrained
 from capfilt.models.registry import register_captioner, register_filter
-from capfilt.models.sampling import KeyedGumbelNoise, sample_seed
+from capfilt.models.sampling import KeyedGumbelNoise, sample_seed, sampling_warpers
 from capfilt.scores import Score
 
 ITM, ITC = "blip2_itm", "blip2_itc"
@@ -185,7 +181,9 @@ class Blip2Captioner(ProcessorImageInput, Captioner):
             decoding["num_return_sequences"] = s.num_captions
         else:  # nucleus sampling: one row per caption, each decoded greedily over its own keyed noise
             seeds = [sample_seed(s.seed, key, j) for key in keys for j in range(s.num_captions)]
-            decoding["logits_processor"] = LogitsProcessorList([*self._warpers(s), KeyedGumbelNoise(seeds)])
+            # The language model's generation config is the one BLIP-2's generate() reads.
+            warpers = sampling_warpers(self.model.language_model.generation_config, s.top_p)
+            decoding["logits_processor"] = LogitsProcessorList([*warpers, KeyedGumbelNoise(seeds)])
             rows = s.num_captions
         if not own_passes:
             return self._library_generate(pixels.repeat_interleave(rows, dim=0), **decoding)
@@ -223,19 +221,6 @@ class Blip2Captioner(ProcessorImageInput, Captioner):
         input_ids = self.input_ids.repeat(pixels.shape[0], 1)
         return self.model.generate(pixel_values=pixels, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                    **decoding)
-
-    def _warpers(self, s: DecodingSettings) -> list[LogitsProcessor]:
-        """The filters `generate(do_sample=True)` would apply, as BLIP's captioner takes them: the language model's
-        temperature and top-k (its generation config is the one generate() reads), our top-p."""
-        generation = self.model.language_model.generation_config
-        warpers: list[LogitsProcessor] = []
-        if generation.temperature is not None and generation.temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(generation.temperature))
-        if generation.top_k:
-            warpers.append(TopKLogitsWarper(generation.top_k))
-        if s.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(s.top_p))
-        return warpers
 
 
 @register_filter("blip-2")

@@ -13,7 +13,13 @@ from __future__ import annotations
 import hashlib
 
 import torch
-from transformers import LogitsProcessor
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 _MASK32 = 0xFFFFFFFF
 # Odd constants below 2**31, so every product stays inside int64 (no overflow on any device).
@@ -26,6 +32,19 @@ def sample_seed(seed: int, key: str, index: int) -> int:
     """The seed of the `index`-th caption of sample `key` under the run seed `seed`."""
     digest = hashlib.sha256(f"{seed}\0{key}\0{index}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+def sampling_warpers(generation: GenerationConfig, top_p: float) -> list[LogitsProcessor]:
+    """The filters `generate(do_sample=True, top_p=top_p)` applies before drawing, in its order: the checkpoint's
+    temperature and top-k (from `generation`, the generation config generate() reads), then `top_p`."""
+    warpers: list[LogitsProcessor] = []
+    if generation.temperature is not None and generation.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(generation.temperature))
+    if generation.top_k:
+        warpers.append(TopKLogitsWarper(generation.top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
 
 
 def uniform_noise(row_seeds: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ caption in their own terms (a chat turn, or a task prompt).
 Registered and tested families (by config `model_type`), each on a tiny random checkpoint built with
 transformers' own classes and `save_pretrained` (capfilt.demo.tiny_vlm, capfilt.demo.tiny_vlms):
 
-- SmolVLM, model_type idefics3 (`VlmCaptioner`, e.g. HuggingFaceTB/SmolVLM-Instruct): tests/test_vlm.py.
+- SmolVLM, model_type idefics3 (`VlmCaptioner`, e.g. HuggingFaceTB/SmolVLM-Instruct): tests/test_vlm_families.py.
 - Qwen2-VL and Qwen2.5-VL, model_types qwen2_vl and qwen2_5_vl (`QwenVlCaptioner`, e.g.
   Qwen/Qwen2.5-VL-3B-Instruct): tests/test_vlm_families.py, run only where torchvision imports (their processor
   holds a video processor, which needs it; without torchvision those tests are skipped with that reason, and
@@ -41,18 +41,14 @@ from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
-    LogitsProcessor,
     LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
 )
 
 from capfilt.errors import ModelLoadError
 from capfilt.models.base import Captioner, DecodingSettings
 from capfilt.models.loading import first_line, load_pretrained
 from capfilt.models.registry import register_captioner
-from capfilt.models.sampling import KeyedGumbelNoise, sample_seed
+from capfilt.models.sampling import KeyedGumbelNoise, sample_seed, sampling_warpers
 
 # What a VLM is asked when the run keeps BLIP's default prompt, a caption prefix a chat model would only echo.
 DEFAULT_INSTRUCTION = "Describe this image in one sentence."
@@ -198,23 +194,11 @@ class VlmCaptioner(Captioner):
         if s.method != "beam":
             seeds = [sample_seed(s.seed, key, j) for key in keys for j in range(n)]
             noise = NewTokenNoise(seeds, self.prefix_length(inputs))
-            decoding["logits_processor"] = LogitsProcessorList([*self.warpers(s), noise])
+            warpers = sampling_warpers(self.model.generation_config, s.top_p)
+            decoding["logits_processor"] = LogitsProcessorList([*warpers, noise])
         sequences = self.model.generate(**inputs, **decoding)
         texts = self.processor.tokenizer.batch_decode(self.new_tokens(sequences, inputs), skip_special_tokens=True)
         return [[text.strip() for text in texts[i * n : (i + 1) * n]] for i in range(len(keys))]
-
-    def warpers(self, s: DecodingSettings) -> list[LogitsProcessor]:
-        """The filters `generate(do_sample=True, top_p=...)` would apply before drawing: the checkpoint's
-        temperature and top-k (from its generation config, which generate() reads), then the run's top-p."""
-        generation = self.model.generation_config
-        warpers: list[LogitsProcessor] = []
-        if generation.temperature is not None and generation.temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(generation.temperature))
-        if generation.top_k:
-            warpers.append(TopKLogitsWarper(generation.top_k))
-        if s.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(s.top_p))
-        return warpers
 
 
 @register_captioner("qwen2_vl", "qwen2_5_vl")
