@@ -1,11 +1,13 @@
-"""The image-text-to-text families beyond SmolVLM (tests/test_vlm.py) against plain
-`model.generate(**processor(images=..., text=..., padding=True))` calls, on tiny random checkpoints built by
-capfilt.demo.tiny_vlms: PaliGemma, Florence-2, Qwen2-VL and Qwen2.5-VL. The Qwen ones need torchvision (their
-processor holds a video processor) and are skipped without it; CI runs them in a venv with torchvision."""
+"""The image-text-to-text captioner families against plain `model.generate(**processor(images=..., text=...,
+padding=True))` calls, on tiny random checkpoints built by capfilt.demo.tiny_vlm and tiny_vlms: SmolVLM
+(Idefics3), PaliGemma, Florence-2, Qwen2-VL and Qwen2.5-VL. The Qwen ones need torchvision (their processor
+holds a video processor) and are skipped without it; CI runs them in a venv with torchvision."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import tarfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,12 +27,14 @@ from transformers import (
 
 import capfilt
 from capfilt.decode import decode_image
+from capfilt.demo.tiny_vlm import build_tiny_idefics3
 from capfilt.demo.tiny_vlms import build_tiny_florence2, build_tiny_paligemma, build_tiny_qwen2_vl
 from capfilt.errors import ModelLoadError
-from capfilt.models import captioner_family, load_captioner
+from capfilt.models import captioner_family, load_captioner, load_filter
 from capfilt.models.base import DecodingSettings
 from capfilt.models.sampling import sample_seed
 from capfilt.models.vlm import (
+    DEFAULT_INSTRUCTION,
     Florence2Captioner,
     NewTokenNoise,
     PaliGemmaCaptioner,
@@ -39,7 +43,6 @@ from capfilt.models.vlm import (
 )
 from tests.conftest import shape_items
 from tests.datasets import write_webdataset_shards
-from tests.test_vlm import read_records
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,11 @@ class Family:
     prompt: str  # the instruction the tests ask with
     default_prompt: str  # what BLIP's default prompt becomes
     fitted_sizes: tuple[tuple[int, int], ...]  # the pictures' (width, height) on the canvas
+    # Whether every picture is resized to one size (else a picture is kept, shrunk only if larger than the canvas).
+    fixed_size: bool = False
     needs_torchvision: bool = False
+    # Whether the processor takes a list of pictures per text, as SmolVLM's model card passes them.
+    nested_images: bool = False
 
     @property
     def decoder_only(self) -> bool:
@@ -69,15 +76,20 @@ class Family:
         return self.model_type
 
 
-QWEN_SIZES = ((30, 40), (56, 14), (56, 56))  # fitted into the 56-pixel square of max_pixels 56 * 56
+INSTRUCTION = "Describe this image in one sentence."
+# Fitted into SmolVLM's 56-pixel longest side, and into Qwen's 56-pixel square of max_pixels 56 * 56.
+KEPT_SIZES = ((30, 40), (56, 14), (56, 56))
 FAMILIES = [
-    Family("paligemma", build_tiny_paligemma, PaliGemmaCaptioner, "caption en", "caption en", ((28, 28),) * 3),
-    Family("florence2", build_tiny_florence2, Florence2Captioner, "<CAPTION>", "<CAPTION>", ((64, 64),) * 3),
+    Family("idefics3", build_tiny_idefics3, VlmCaptioner, INSTRUCTION, DEFAULT_INSTRUCTION, KEPT_SIZES,
+           nested_images=True),
+    Family("paligemma", build_tiny_paligemma, PaliGemmaCaptioner, "caption en", "caption en", ((28, 28),) * 3,
+           fixed_size=True),
+    Family("florence2", build_tiny_florence2, Florence2Captioner, "<CAPTION>", "<CAPTION>", ((64, 64),) * 3,
+           fixed_size=True),
     Family("qwen2_vl", lambda path, seed: build_tiny_qwen2_vl(path, seed, version="qwen2_vl"), QwenVlCaptioner,
-           "Describe this image in one sentence.", "Describe this image in one sentence.", QWEN_SIZES, True),
+           INSTRUCTION, INSTRUCTION, KEPT_SIZES, needs_torchvision=True),
     Family("qwen2_5_vl", lambda path, seed: build_tiny_qwen2_vl(path, seed, version="qwen2_5_vl"),
-           QwenVlCaptioner, "Describe this image in one sentence.", "Describe this image in one sentence.",
-           QWEN_SIZES, True),
+           QwenVlCaptioner, INSTRUCTION, INSTRUCTION, KEPT_SIZES, needs_torchvision=True),
 ]
 KEYS = ["key0", "key1", "key2"]
 
@@ -114,7 +126,7 @@ def plain_generate(spec: Family, model_id: str, images: list[Image.Image], setti
     processor = AutoProcessor.from_pretrained(model_id)
     processor.tokenizer.padding_side = "left"
     model = AutoModelForImageTextToText.from_pretrained(model_id).eval()
-    repeated = [image for image in images for _ in range(rows)]
+    repeated = [[image] if spec.nested_images else image for image in images for _ in range(rows)]
     text = spec.text(processor, settings.prompt)
     inputs = processor(images=repeated, text=[text] * len(repeated), padding=True, return_tensors="pt")
     if noise_seeds is not None:
@@ -143,6 +155,16 @@ def fitted(captioner: VlmCaptioner, images: list[Image.Image]) -> list[Image.Ima
     return captioner.pictures(captioner.preprocess_all(images))
 
 
+def read_records(directory) -> dict[str, dict]:
+    records = {}
+    for shard in sorted(directory.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    records[member.name.removesuffix(".json")] = json.loads(tar.extractfile(member).read())
+    return records
+
+
 def test_the_family_is_chosen_by_model_type(family):
     spec, model_id = family
     assert AutoConfig.from_pretrained(model_id).model_type == spec.model_type
@@ -164,17 +186,18 @@ def test_pictures_come_back_whole_from_the_canvas(family):
     images = pictures()
     back = fitted(captioner, images)
     assert tuple(image.size for image in back) == spec.fitted_sizes
-    if spec.captioner is QwenVlCaptioner:  # a small picture is kept as decoded
+    if not spec.fixed_size:  # a small picture is kept as decoded
         assert np.array_equal(np.asarray(back[0]), np.asarray(images[0]))
 
 
 def test_the_batch_is_left_padded_where_rows_differ(family):
-    """Qwen's pictures of different shapes give different numbers of image tokens, so its batch is padded, on
-    the left; PaliGemma's and Florence-2's give one number (a fixed size), so with one prompt no row is."""
+    """SmolVLM's and Qwen's pictures of different shapes give different numbers of image tokens, so the batch is
+    padded, on the left; PaliGemma's and Florence-2's give one number (a fixed size), so with one prompt no row
+    is."""
     spec, model_id = family
     captioner = load_captioner(model_id, beam(spec), "cpu", torch.float32)
     mask = captioner.inputs(fitted(captioner, pictures()))["attention_mask"]
-    if spec.captioner is QwenVlCaptioner:
+    if not spec.fixed_size:
         assert (mask[:, 0] == 0).any() and (mask[:, -1] == 1).all()
     else:
         assert (mask == 1).all()
@@ -212,8 +235,8 @@ def test_a_fixed_size_family_captions_the_decoded_picture_itself(family):
     """PaliGemma and Florence-2 resize every picture to one size; the canvas makes that resize as their PIL
     image processor does, so the caption is generate() on the picture as decoded, of any size."""
     spec, model_id = family
-    if spec.captioner is QwenVlCaptioner:
-        pytest.skip("Qwen's canvas keeps the picture (shrunk only if larger than the canvas)")
+    if not spec.fixed_size:
+        pytest.skip("the canvas keeps the picture (shrunk only if larger than the canvas)")
     settings = beam(spec)
     captioner = load_captioner(model_id, settings, "cpu", torch.float32)
     if not type(captioner.processor.image_processor).__name__.endswith("Pil"):
@@ -267,3 +290,29 @@ def test_bootstrap_with_the_family_as_captioner_and_a_blip_filter(family, tiny_m
         assert {caption["text"]: caption["count"] for caption in written} == Counter(texts)
         assert all(0 <= caption["itm_score"] <= 1 and caption["decoding"]["prompt"] == spec.prompt
                    for caption in written)
+
+
+def test_a_long_caption_is_kept_whole_and_truncated_only_for_scoring(family, tiny_models, tmp_path):
+    """400 new tokens, past BLIP's 35-token text limit: the output keeps the caption as written; the BLIP filter
+    scores what its tokenizer keeps of it. One family is enough: the VLM side is shared."""
+    spec, model_id = family
+    if spec.model_type != "idefics3":
+        pytest.skip("shown on SmolVLM")
+    items = shape_items(2)
+    write_webdataset_shards(tmp_path / "in", items)
+    summary = capfilt.run(str(tmp_path / "in"), str(tmp_path / "out"), "bootstrap", captioner=model_id,
+                          filter=[tiny_models[1]], batch_size=2, device="cpu", dtype="fp32", num_beams=2,
+                          max_length=400, min_length=400, prompt=spec.prompt, mode="annotate")
+    records = read_records(tmp_path / "out")
+    settings = DecodingSettings(num_beams=2, max_length=400, min_length=400, prompt=spec.prompt)
+    captioner = load_captioner(model_id, settings, "cpu", torch.float32)
+    blip = load_filter(tiny_models[1], "cpu", torch.float32)
+    for key, image, *_ in items:
+        [[caption]] = captioner.caption([decode_image(image)], [key])
+        [written] = records[key]["synthetic_captions"]
+        assert written["text"] == caption  # whole
+        full = blip.processor.tokenizer(caption)["input_ids"]
+        assert len(full) > blip.text_max_tokens == len(blip.tokenize([caption])[0]) == 35
+        [[scores]] = blip.score([decode_image(image)], [[caption]], ["itm"])
+        assert written["itm_score"] == pytest.approx(scores["itm"], abs=1e-5)
+    assert summary.captions_truncated == {"itm": 2}  # and the run says so
