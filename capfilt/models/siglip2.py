@@ -82,7 +82,9 @@ class Siglip2Filter(SiglipFilter):
         return pixels.to(self.device, non_blocking=True).float()
 
     def pooled_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.vision_model(**unpack(pixels)).pooler_output
+        # The public get_image_features, not vision_model: that tower's mask keyword differs across releases
+        # (`attention_mask` in 5.0, `pixel_attention_mask` in 5.24).
+        return self.model.get_image_features(**unpack(pixels)).pooler_output
 
     # Texts: padded to the text tower's length on the tokenizer's side.
 
