@@ -113,6 +113,7 @@ from bench import Run, log, make_items, peak_flops, release_memory, settle_devic
 import capfilt
 from capfilt.config import DTYPES, DecodingSettings
 from capfilt.demo import shapes
+from capfilt.demo.pil_processors import pil_image_processor
 from capfilt.models import load_captioner, load_filter
 from capfilt.models.vlm import DEFAULT_INSTRUCTION
 
@@ -554,7 +555,7 @@ def build_full(name: str, path: Path, seed: int) -> str:
 
         tiny_siglip.build_tokenizer(path)  # writes spiece.model
         tokenizer = SiglipTokenizer(vocab_file=str(path / "spiece.model"), model_max_length=64)
-        image_processor = tiny_siglip.SiglipImageProcessorPil(size={"height": 384, "width": 384})
+        image_processor = pil_image_processor("Siglip")(size={"height": 384, "width": 384})
         processor = SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
         text = {**so400m_vision(), "vocab_size": len(tokenizer), "max_position_embeddings": 64,
                 "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None}
@@ -566,7 +567,7 @@ def build_full(name: str, path: Path, seed: int) -> str:
         from capfilt.demo import tiny_siglip2
 
         tokenizer = tiny_siglip2.build_tokenizer()
-        image_processor = tiny_siglip2.Siglip2ImageProcessorPil(patch_size=16, max_num_patches=256)
+        image_processor = pil_image_processor("Siglip2")(patch_size=16, max_num_patches=256)
         processor = Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
         text = {**so400m_vision(), "vocab_size": len(tokenizer), "max_position_embeddings": 64,
                 "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -578,7 +579,7 @@ def build_full(name: str, path: Path, seed: int) -> str:
 
         from capfilt.demo import tiny_blip, tiny_blip2
 
-        image_processor = tiny_blip.BlipImageProcessorPil(size={"height": 224, "width": 224},
+        image_processor = pil_image_processor("Blip")(size={"height": 224, "width": 224},
                                                           image_mean=list(OPENAI_CLIP_MEAN),
                                                           image_std=list(OPENAI_CLIP_STD))
         qformer = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,

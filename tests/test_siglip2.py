@@ -77,9 +77,10 @@ def test_siglip2_scores_equal_the_plain_call_in_one_batch(tiny_siglip2):
     # The scores spread over (0, 1): a test of probabilities all near 0 would show nothing.
     flat = [value for row in ours for value in row]
     assert 0 < min(flat) and max(flat) < 1 and max(flat) - min(flat) > 0.05
-    # SigLIP 2's tokenizer lowercases, as the plain call does.
-    assert ours[4][0] == pytest.approx(values(siglip2.score(images[4:], [["a red circle"]], ("siglip",)), "siglip")[0][0],
-                                       abs=1e-6)
+    # SigLIP 2's tokenizer lowercases (where the release has it), as the plain call does.
+    if type(siglip2.processor.tokenizer).__name__ == "Siglip2Tokenizer":
+        lowercase = values(siglip2.score(images[4:], [["a red circle"]], ("siglip",)), "siglip")[0][0]
+        assert ours[4][0] == pytest.approx(lowercase, abs=1e-6)
 
 
 def test_the_library_path_and_bf16_agree(tiny_siglip2):

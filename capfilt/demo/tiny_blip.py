@@ -26,11 +26,7 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-try:  # BLIP's PIL image processor (what checkpoints load without torchvision); before 5.24, BlipImageProcessor
-    from transformers import BlipImageProcessorPil
-except ImportError:
-    from transformers import BlipImageProcessor as BlipImageProcessorPil
-
+from capfilt.demo.pil_processors import pil_image_processor
 from capfilt.demo.shapes import VOCABULARY
 
 # The prompt BLIP's captioner is run with; its words must be in the vocabulary too.
@@ -84,7 +80,7 @@ def build_tokenizer(max_text_tokens: int) -> BertTokenizerFast:
 def build_processor(architecture: Architecture) -> BlipProcessor:
     """A `BlipProcessor` that resizes pictures to the model's input size and tokenizes text for it."""
     side = architecture.image_size
-    image_processor = BlipImageProcessorPil(
+    image_processor = pil_image_processor("Blip")(
         size={"height": side, "width": side},
         image_mean=list(architecture.normalisation.mean),
         image_std=list(architecture.normalisation.std),

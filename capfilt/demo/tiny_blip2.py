@@ -36,8 +36,9 @@ from transformers import (
     T5Tokenizer,
 )
 
+from capfilt.demo.pil_processors import pil_image_processor
 from capfilt.demo.shapes import VOCABULARY
-from capfilt.demo.tiny_blip import BlipImageProcessorPil, build_tokenizer
+from capfilt.demo.tiny_blip import build_tokenizer
 from capfilt.demo.tiny_clip import byte_alphabet
 
 # The tokenizer's (and the Q-Former's) longest text, in tokens: short, so that tests can pass a longer caption.
@@ -53,7 +54,7 @@ def build_tiny_blip2(path: Path, seed: int = 0, image_size: int = 32, hidden: in
     `Blip2ForImageTextRetrieval.from_pretrained(path)` and `AutoProcessor.from_pretrained(path)`; the same seed
     gives the same weights. For tests: fast to build and run, saying nothing meaningful."""
     path = Path(path)
-    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    image_processor = pil_image_processor("Blip")(size={"height": image_size, "width": image_size})
     processor = Blip2Processor(image_processor=image_processor, tokenizer=build_tokenizer(TEXT_POSITIONS),
                                num_query_tokens=num_query_tokens if image_tokens else None)
     tokenizer = processor.tokenizer  # with the `<image>` token the processor adds
@@ -152,7 +153,7 @@ def build_tiny_blip2_captioner(path: Path, seed: int = 0, language: Literal["opt
     if language not in ("opt", "t5"):
         raise ValueError(f"unknown language model {language!r}: choose opt or t5")
     path = Path(path)
-    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    image_processor = pil_image_processor("Blip")(size={"height": image_size, "width": image_size})
     tokenizer = opt_tokenizer() if language == "opt" else t5_tokenizer()
     processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
                                num_query_tokens=num_query_tokens if image_tokens else None)

@@ -19,10 +19,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-try:  # CLIP's PIL image processor (what loads without torchvision); CLIPImageProcessor in releases without it
-    from transformers import CLIPImageProcessorPil
-except ImportError:
-    from transformers import CLIPImageProcessor as CLIPImageProcessorPil
+from capfilt.demo.pil_processors import pil_image_processor
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -34,6 +31,7 @@ WORDS = (
     "big", "large", "circle", "square", "triangle", "star", "shape", "shapes", "background", "next", "man",
     "woman", "person", "tree", "house",
 )
+
 MAX_POSITIONS = 77  # CLIP's text length; the tokenizer truncates to it
 
 
@@ -90,7 +88,7 @@ def build_tokenizer(directory: Path | None = None) -> CLIPTokenizer:
 
 
 def build_processor(image_size: int, directory: Path | None = None) -> CLIPProcessor:
-    image_processor = CLIPImageProcessorPil(
+    image_processor = pil_image_processor("CLIP")(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
         image_mean=list(OPENAI_CLIP_MEAN),

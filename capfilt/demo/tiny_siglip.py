@@ -22,12 +22,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-try:  # SigLIP's PIL image processor (what loads without torchvision); SiglipImageProcessor in releases without it
-    from transformers import SiglipImageProcessorPil
-except ImportError:
-    from transformers import SiglipImageProcessor as SiglipImageProcessorPil
-
 from capfilt.demo import shapes
+from capfilt.demo.pil_processors import pil_image_processor
 
 TEXT_POSITIONS = 16  # the text tower's length (64 in the released models), to which texts are padded
 
@@ -56,7 +52,7 @@ def build_tiny_siglip(path: Path, seed: int = 0, image_size: int = 32, hidden: i
     weights. For tests: fast to build and run, saying nothing meaningful."""
     path = Path(path)
     tokenizer = build_tokenizer(path)
-    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    image_processor = pil_image_processor("Siglip")(size={"height": image_size, "width": image_size})
     processor = SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
     text = SiglipTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
                             num_hidden_layers=layers, num_attention_heads=heads,

@@ -14,32 +14,32 @@ import random
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import (
     Siglip2Config,
     Siglip2Model,
     Siglip2Processor,
     Siglip2TextConfig,
-    Siglip2Tokenizer,
     Siglip2VisionConfig,
 )
-
-try:  # SigLIP 2's PIL image processor (what loads without torchvision); Siglip2ImageProcessor in releases without it
-    from transformers import Siglip2ImageProcessorPil
-except ImportError:
-    from transformers import Siglip2ImageProcessor as Siglip2ImageProcessorPil
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from capfilt.demo import shapes
+from capfilt.demo.pil_processors import pil_image_processor
 
 TEXT_POSITIONS = 64  # the text tower's length, as released: Siglip2Processor pads texts to 64 tokens
 PATCH_SIZE = 16  # as released: Siglip2Processor's default patch size
 
 
-def build_tokenizer(padding_side: str = "right") -> Siglip2Tokenizer:
-    """SigLIP 2's tokenizer over a byte-fallback BPE vocabulary trained on shapes captions and junk alt text."""
+def build_tokenizer(padding_side: str = "right") -> PreTrainedTokenizerBase:
+    """SigLIP 2's tokenizer over a byte-fallback BPE vocabulary trained on shapes captions and junk alt text:
+    `Siglip2Tokenizer` (Gemma's, lowercasing), or in releases without it Gemma's, which SigLIP 2 checkpoints
+    loaded there."""
     rng = random.Random(0)
     lines = [shapes.describe(shapes.random_scene(rng)) for _ in range(300)]
     lines += [shapes.junk_alt_text(rng) for _ in range(100)]
-    base = Siglip2Tokenizer(padding_side=padding_side, add_eos_token=True)
+    tokenizer_class = getattr(transformers, "Siglip2Tokenizer", None) or transformers.GemmaTokenizer
+    base = tokenizer_class(padding_side=padding_side, add_eos_token=True)
     return base.train_new_from_iterator(lines, vocab_size=200)
 
 
@@ -53,7 +53,7 @@ def build_tiny_siglip2(path: Path, seed: int = 0, max_num_patches: int = 16, pos
     meaningful."""
     path = Path(path)
     tokenizer = build_tokenizer(padding_side)
-    image_processor = Siglip2ImageProcessorPil(patch_size=PATCH_SIZE, max_num_patches=max_num_patches)
+    image_processor = pil_image_processor("Siglip2")(patch_size=PATCH_SIZE, max_num_patches=max_num_patches)
     processor = Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
     text = Siglip2TextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
                              num_hidden_layers=layers, num_attention_heads=heads,

@@ -19,10 +19,10 @@ from transformers import (
     GPT2Tokenizer,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
-    Idefics3ImageProcessorPil,
     Idefics3Processor,
 )
 
+from capfilt.demo.pil_processors import pil_image_processor
 from capfilt.demo.tiny_clip import WORDS, add_merges, byte_alphabet
 
 END, IM_START, END_OF_UTTERANCE = "<|endoftext|>", "<|im_start|>", "<end_of_utterance>"
@@ -53,7 +53,7 @@ def build_processor(tile: int, longest_edge: int, image_seq_len: int) -> Idefics
     vocab, merges = vocabulary()
     tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges, unk_token=END, bos_token=IM_START,
                               eos_token=END_OF_UTTERANCE, pad_token=END, additional_special_tokens=list(SPECIAL[1:]))
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": longest_edge},
+    image_processor = pil_image_processor("Idefics3")(size={"longest_edge": longest_edge},
                                                 max_image_size={"longest_edge": tile})
     return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len,
                              chat_template=CHAT_TEMPLATE)

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from transformers import (
     BartTokenizer,
-    CLIPImageProcessorPil,
     Florence2Config,
     Florence2ForConditionalGeneration,
     Florence2Processor,
@@ -34,9 +33,9 @@ from transformers import (
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
-    SiglipImageProcessorPil,
 )
 
+from capfilt.demo.pil_processors import pil_image_processor
 from capfilt.demo.tiny_clip import WORDS, add_merges, byte_alphabet
 
 # The words the tiny tokenizers merge: the shapes domain's and the prompts'.
@@ -89,7 +88,7 @@ def build_tiny_paligemma(path: Path, seed: int = 0, hidden: int = 32, layers: in
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     image_seq_length = (image_size // patch) ** 2
-    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size},
+    image_processor = pil_image_processor("Siglip")(size={"height": image_size, "width": image_size},
                                               image_seq_length=image_seq_length)
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=gemma_tokenizer())
     tokenizer = processor.tokenizer  # now with <image>, <loc....> and <seg...>
@@ -141,7 +140,7 @@ def build_tiny_florence2(path: Path, seed: int = 0, hidden: int = 32, layers: in
                               cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
                               extra_special_tokens={"image_token": "<image>"})
     image_seq_length = (image_size // 32) ** 2 + 1
-    image_processor = CLIPImageProcessorPil(size={"height": image_size, "width": image_size}, do_center_crop=False,
+    image_processor = pil_image_processor("CLIP")(size={"height": image_size, "width": image_size}, do_center_crop=False,
                                             crop_size={"height": image_size, "width": image_size},
                                             image_seq_length=image_seq_length)
     processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer,
@@ -200,7 +199,6 @@ def build_tiny_qwen2_vl(path: Path, seed: int = 0, version: str = "qwen2_vl", hi
         Qwen2Tokenizer,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessorPil,
         Qwen2VLProcessor,
         Qwen2VLVideoProcessor,
     )
@@ -210,7 +208,7 @@ def build_tiny_qwen2_vl(path: Path, seed: int = 0, version: str = "qwen2_vl", hi
     vocab, merges = byte_level_vocabulary(QWEN_SPECIAL)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>", eos_token="<|im_end|>",
                                pad_token="<|endoftext|>", additional_special_tokens=list(QWEN_SPECIAL[1:]))
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    image_processor = pil_image_processor("Qwen2VL")(min_pixels=min_pixels, max_pixels=max_pixels)
     video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
     processor_class, config_class, model_class = {
         "qwen2_vl": (Qwen2VLProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration),
