@@ -22,8 +22,6 @@ import torch.nn.functional as F
 
 from capfilt.errors import ConfigError
 
-CAPTION_METRICS = ("bleu4", "cider", "exact_match")
-FILTER_METRICS = ("itm_accuracy", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
 # Candidates the ITM head re-ranks per query (BLIP's k_test is 256 for COCO's 5k pictures).
 RERANK = 16
 BEAMS = 3

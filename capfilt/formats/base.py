@@ -197,8 +197,6 @@ class Format(ABC):
     name: str
     # File name endings of this format's shards, longest first; empty for a format whose shards are folders.
     suffixes: tuple[str, ...] = ()
-    # Whether an output shard gets img2dataset's metadata Parquet beside it (`capfilt.formats.metadata`).
-    metadata_beside: bool = False
 
     @abstractmethod
     def detect(self, fs: AbstractFileSystem, directory: str) -> bool:
