@@ -73,8 +73,10 @@ def build_config(command: str | Command, input: str, output: str, **options: Any
             raise ConfigError(f"the preset {preset.name} names no filter; pass --filter")
         keep += [f"{score}>={value!r}" for score, value in (("itm", o["threshold"]), ("itc", o["itc_threshold"]))
                  if value is not None]
-        if not keep and not given and preset.keep:  # the preset's recipe, for the preset's filters
-            keep, keep_best = list(preset.keep), _or(keep_best, preset.keep_best)
+        if not keep and not given:  # the preset's recipe, for the preset's filters
+            if preset.keep:
+                keep, keep_best = list(preset.keep), _or(keep_best, preset.keep_best)
+            settings["keep_top"] = preset.keep_top
         settings["filters"] = filters
         settings["extra_scores"] = tuple(name.strip() for name in (o["scores"] or "").split(",") if name.strip())
     if command in (Command.filter, Command.bootstrap, Command.select):

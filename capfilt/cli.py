@@ -24,6 +24,7 @@ try:  # a Ctrl-C while the command line itself loads is an interrupt like any ot
     from capfilt.api import parse_storage_options, run
     from capfilt.config import Command
     from capfilt.errors import CapfiltError
+    from capfilt.keep import KeepTop
     from capfilt.log import logger
     from capfilt.options import OPTIONS, Option
     from capfilt.presets import DEFAULT_PRESET, load_preset
@@ -315,7 +316,10 @@ def presets() -> None:
         lines = [preset.description]
         lines += [f"captioner {preset.captioner}"] if preset.captioner else []
         lines += [f"filter    {model}" for model in preset.filters]
-        lines += [f"keep      {', '.join(preset.keep)}" + (f" (best {preset.keep_best})" if preset.keep_best else "")]
+        if preset.keep:
+            lines += [f"keep      {', '.join(preset.keep)}" + (f" (best {preset.keep_best})" if preset.keep_best else "")]
+        lines += [f"keep      {KeepTop.parse(top).described()}, over the whole output (capfilt select)"
+                  for top in preset.keep_top]
         print(f"{labels[name]:{width}}" + f"\n{'':{width}}".join(lines))
 
 

@@ -133,7 +133,8 @@ class RunConfig:
     # Keep rules (`itm>=0.5`); None: the defaults of the filters' families, set when the run is planned.
     keep: tuple[str, ...] | None = None
     keep_best: int | None = None
-    # `select` only: NAME:FRACTION, turned into a `NAME>=value` rule over the whole input when planned.
+    # NAME:FRACTION. `select` turns each into a `NAME>=value` rule over the whole input when planned. A scoring
+    # run (a preset's recipe) judges nothing and records them, for `select` to apply over its whole output.
     keep_top: tuple[str, ...] = ()
     mode: FilterMode = FilterMode.drop
     # Write the dropped samples as shards of their own, in OUT/.dropped/ (hidden: loaders reading OUT skip it).
@@ -174,8 +175,10 @@ class RunConfig:
             raise ConfigError(f"'{self.command.value}' needs a captioner")
         if self.command in (Command.filter, Command.bootstrap) and not self.filters:
             raise ConfigError(f"'{self.command.value}' needs a filter")
-        if self.command is not Command.select and self.keep_top:
-            raise ConfigError("--keep-top needs the whole input's scores first: use it with 'capfilt select'")
+        if self.keep_top and (self.command is Command.caption or
+                              (self.command is not Command.select and self.keep is not None)):
+            raise ConfigError("--keep-top needs the whole input's scores first: use it with 'capfilt select' (a "
+                              "scoring run may only record it, judging nothing)")
         KeepRules.parse(self.keep or (), self.keep_best if self.keep is not None else None)  # malformed: fail now
         for top in self.keep_top:
             KeepTop.parse(top)

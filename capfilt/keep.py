@@ -71,6 +71,9 @@ class KeepTop:
     def __str__(self) -> str:
         return f"{self.score}:{self.fraction!r}"
 
+    def described(self) -> str:
+        return f"the top {self.fraction * 100:g}% by {self.score}"
+
 
 def top_threshold(values: Sequence[float], fraction: float) -> float | None:
     """The lowest score among the `round(fraction * len(values))` highest (at least one): keeping the scores

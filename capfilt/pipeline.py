@@ -16,7 +16,7 @@ import re
 import time
 
 from capfilt import __version__
-from capfilt.config import RunConfig
+from capfilt.config import Command, RunConfig
 from capfilt.errors import RunError
 from capfilt.formats import get_format
 from capfilt.formats.base import Shard
@@ -78,6 +78,8 @@ class Pipeline:
         self.plan = plan(config, self.locations)
         self.config = config = self.plan.config
         self.shards = shard_share(self.locations.shards, config.shard_index, config.num_shards)
+        # The top fractions a scoring run leaves to `capfilt select` (select itself has turned its own into rules).
+        self.select_top = () if config.command is Command.select else config.keep_top
         self.output = OutputDirectory(self.locations.fs_out, self.locations.output_dir, self.locations.output_format)
         # The models load here, before the output is touched, so that a model that cannot load is an error
         # before any shard; but only for a run with work to do: a rerun of a finished job answers at once.
@@ -120,7 +122,7 @@ class Pipeline:
                         "the output keeps the finished shards and a rerun resumes"
                     )
             summary = RunSummary.merge([done[shard.name] for shard in self.shards], time.perf_counter() - started,
-                                       self.config.keep or ())
+                                       self.config.keep or (), self.select_top)
             if whole_run:  # a share of a split job leaves the run summary to `capfilt summary`
                 self.output.write_json(self.output.file(SUMMARY_FILE), summary.record())
                 if self.config.report:

@@ -57,16 +57,19 @@ def plan(config: RunConfig, locations: Locations) -> Plan:
                                   f"{spec.model}); name one with --filter NAME=MODEL")
             computable[score.name], owners[score.name] = score, spec.model
     keep = config.keep
-    if keep is None:  # each family's own default rules, under the names this run gives its scores
+    tops = [KeepTop.parse(top) for top in config.keep_top]
+    if keep is None and not tops:  # each family's own default rules, under the names this run gives its scores
         keep = tuple(str(replace(rule, score=scores[rule.score].name)) for family, scores in zip(families, named)
                      for rule in map(KeepRule.parse, family.default_keep))
-    rules = KeepRules.parse(keep, config.keep_best)
+    # A run scored for top fractions judges nothing (keep stays None: no keep stage); `select` applies them.
+    rules = KeepRules.parse(keep or (), config.keep_best if keep is not None else None)
     rules.check(computable, "the run's filters compute")
-    for name in config.extra_scores:
+    named_elsewhere = [("--scores", name) for name in config.extra_scores] + [("keep_top", top.score) for top in tops]
+    for where, name in named_elsewhere:
         if name not in computable:
-            raise ConfigError(f"--scores names '{name}', which the run's filters do not compute; they compute: "
+            raise ConfigError(f"{where} names '{name}', which the run's filters do not compute; they compute: "
                               f"{', '.join(computable)}")
-    wanted = {rule.score for rule in rules.rules} | set(config.extra_scores)
+    wanted = {rule.score for rule in rules.rules} | set(config.extra_scores) | {top.score for top in tops}
     filters = tuple(
         replace(spec, computes=tuple(name for name, score in scores.items()
                                      if name in family.default_scores or score.name in wanted))
@@ -96,12 +99,14 @@ def _plan_select(config: RunConfig, locations: Locations, recorded: dict | None,
     if recorded is None:
         raise InputError(f"{config.input} holds no capfilt output ({RUN_FILE} is missing): select re-applies keep "
                          "rules to the scores a run wrote, e.g. with --mode annotate")
-    keep, best = config.keep, config.keep_best
-    if keep is None and not config.keep_top:  # no rule given: the rules the run recorded
+    keep, best, keep_top = config.keep, config.keep_best, config.keep_top
+    if keep is None and not keep_top:  # no rule given: the rules the run recorded, or the top fractions it was
+        # scored for (an earlier select has turned its own into rules already)
         keep, best = tuple(recorded.get("keep") or ()), recorded.get("keep_best") if best is None else best
+        keep_top = tuple(recorded.get("keep_top") or ()) if recorded.get("command") != "select" else ()
     rules = KeepRules.parse(keep or (), None)
     rules.check(inherited, "the input has")
-    tops = [KeepTop.parse(top) for top in config.keep_top]
+    tops = [KeepTop.parse(top) for top in keep_top]
     for top in tops:
         if top.score not in inherited:
             raise ConfigError(f"--keep-top uses the score '{top.score}', which the input has not; scores the input "
@@ -109,7 +114,7 @@ def _plan_select(config: RunConfig, locations: Locations, recorded: dict | None,
     thresholds = whole_input_thresholds(locations, tops)
     keep = tuple(keep or ()) + tuple(f"{top.score}>={thresholds[top.score]!r}" for top in tops)
     KeepRules.parse(keep, best)
-    return Plan(replace(config, keep=keep, keep_best=best), inherited)
+    return Plan(replace(config, keep=keep, keep_best=best, keep_top=keep_top), inherited)
 
 
 def whole_input_thresholds(locations: Locations, tops: list[KeepTop]) -> dict[str, float]:

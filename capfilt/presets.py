@@ -15,6 +15,7 @@ from pathlib import Path
 
 from capfilt import presets_data
 from capfilt.errors import ConfigError
+from capfilt.keep import KeepTop
 
 DEFAULT_PRESET = "blip-large"
 
@@ -29,8 +30,9 @@ def presets_dir() -> Path:
 @dataclass(frozen=True)
 class Preset:
     """A recipe: the captioner and its decoding defaults, the filters (`MODEL` or `NAME=MODEL`) and the keep
-    rules a run takes when the command line does not say otherwise. Any part may be absent (a filtering
-    recipe names no captioner)."""
+    rules a run takes when the command line does not say otherwise, or instead the top fractions
+    (`NAME:FRACTION`) its output is scored for, which `capfilt select` keeps over the whole output. Any part may
+    be absent (a filtering recipe names no captioner)."""
 
     name: str
     description: str
@@ -38,6 +40,7 @@ class Preset:
     filters: tuple[str, ...]
     keep: tuple[str, ...]
     keep_best: int | None
+    keep_top: tuple[str, ...]
     prompt: str
     max_length: int
     min_length: int
@@ -64,6 +67,7 @@ def load_preset(name: str) -> Preset:
             filters=tuple(_resolve_filter(entry, path.parent) for entry in data.get("filters", [])),
             keep=tuple(str(rule) for rule in data.get("keep", [])),
             keep_best=int(data["keep_best"]) if "keep_best" in data else None,
+            keep_top=tuple(str(KeepTop.parse(str(top))) for top in data.get("keep_top", [])),
             prompt=str(caption.get("prompt", "a picture of ")),
             max_length=int(caption.get("max_length", 30)),
             min_length=int(caption.get("min_length", 10)),
@@ -71,8 +75,8 @@ def load_preset(name: str) -> Preset:
             num_captions=int(caption.get("num_captions", 1)),
             num_beams=int(caption.get("num_beams", 1)),
         )
-    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as error:
-        raise ConfigError(f"preset file {path} is invalid: {error!r}") from error
+    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError, ConfigError) as error:
+        raise ConfigError(f"preset file {path} is invalid: {error}") from error
 
 
 def _resolve_filter(entry: str, base: Path) -> str:

@@ -20,6 +20,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from capfilt.keep import KeepRule, KeepTop
 from capfilt.observer import Observer
 from capfilt.sample import Reject, Sample
 from capfilt.stats import HISTOGRAM_BINS, RunSummary, ShardStats, dense, occupied_range, rebinned
@@ -132,6 +133,8 @@ def summary_table(summary: RunSummary, samples_this_run: int | None = None) -> T
         ("captions scored / kept", f"{summary.captions_scored} / {summary.captions_kept}"),
         ("web captions kept", summary.web_captions_kept),
     ]
+    if summary.select_top:  # nothing was judged: no count of kept captions to tell
+        rows[-2:] = [("captions scored", summary.captions_scored)]
     if done:  # a rerun of a finished job did nothing: no speed to tell
         rate = done / summary.seconds if summary.seconds else 0.0
         rows.append(("seconds (images/s)", f"{summary.seconds:.1f} ({rate:.1f})"))
@@ -141,6 +144,8 @@ def summary_table(summary: RunSummary, samples_this_run: int | None = None) -> T
     for name, quantiles in summary.score_quantiles.items():
         rows.append((f"{name} score quantiles", "  ".join(f"{q} {v:.3f}" for q, v in quantiles.items())))
     rows += [(f"  failed shard {name}", error) for name, error in summary.failed_shards.items()]
+    rows += [("scored for", f"{KeepTop.parse(top).described()}: capfilt select OUTPUT SELECTED keeps it")
+             for top in summary.select_top]
     for what, value in rows:
         table.add_row(what, Text(str(value)))
     for what, line in histogram_rows(summary):
@@ -154,8 +159,6 @@ BLOCKS = " ▁▂▃▄▅▆▇█"
 def histogram_rows(summary: RunSummary, width: int = 48) -> list[tuple[str, str]]:
     """A text histogram of the main score (the first rule's, else the first computed) over the range its
     captions span, and a line marking the rule's threshold."""
-    from capfilt.keep import KeepRule
-
     rules = [KeepRule.parse(rule) for rule in summary.keep]
     name = rules[0].score if rules else next(iter(summary.histograms), None)
     if name is None or name not in summary.histograms or name not in summary.score_ranges:

@@ -40,7 +40,7 @@ from fsspec import AbstractFileSystem
 from capfilt.errors import CapfiltError, OutputError, one_line
 from capfilt.formats import FORMATS
 from capfilt.formats.base import Format, Shard
-from capfilt.keep import KeepRule, KeepRules
+from capfilt.keep import KeepRule, KeepRules, KeepTop
 from capfilt.output import DROPPED_DIR, LOCK_FILE, RUN_FILE, SUMMARY_FILE, held_by_a_run
 from capfilt.paths import open_output, resolve_input
 from capfilt.sample import Caption, Reject, Sample
@@ -247,6 +247,8 @@ def models_line(settings: dict[str, Any]) -> str:
              ("captioner", settings.get("captioner")), ("filters", filters),
              ("keep", " and ".join(settings.get("keep") or []) + (f" (best {settings['keep_best']})"
                                                                  if settings.get("keep_best") else "")),
+             ("scored for", "; ".join(f"{KeepTop.parse(top).described()} (capfilt select keeps it)"
+                                      for top in settings.get("keep_top") or [] if settings.get("command") != "select")),
              ("mode", settings.get("mode")), ("capfilt", settings.get("capfilt_version"))]
     return '<p id="models">' + "; ".join(f"<b>{e(what)}</b> {e(value)}" for what, value in parts if value) + "</p>"
 
@@ -400,6 +402,20 @@ def grids(sampled: Sampled, name: str | None, rules: tuple[KeepRule, ...]) -> st
         return "<p>No shard to draw samples from.</p>"
     rng = random.Random(0)
     written = sampled.written
+    drawn = (f"<p>From the first {SAMPLES_PER_SHARD} samples of each of {len(sampled.shards)} shard(s) drawn at "
+             f"random: {e(', '.join(sampled.shards))}.</p>")
+    unreadable = "".join(f"<li>{e(name)}: {e(error)}</li>" for name, error in sampled.unreadable.items())
+    if unreadable:
+        drawn += f'<p>Shards that broke off while the report read them:</p><ul id="unreadable-shards">{unreadable}</ul>'
+    if written and not sampled.dropped and all(c.kept is None for s in written for c in s.captions()):
+        # A run that judged nothing (captioning only, or scoring for `select --keep-top`): samples by score.
+        if name is None:
+            return "\n".join([drawn, grid("samples", "Samples", written[:GRID_SIZE], name), rejects_grid(sampled.rejects)])
+        ranked = sorted(written, key=lambda s: best_score(s, name), reverse=True)
+        return "\n".join([drawn, '<p id="not-judged">This run judged no caption: it scored them.</p>',
+                          grid("highest", f"Highest by {name}", ranked[:GRID_SIZE], name),
+                          grid("lowest", f"Lowest by {name}", ranked[::-1][:GRID_SIZE], name),
+                          rejects_grid(sampled.rejects)])
     unkept = [s for s in written if not any(c.kept for c in s.captions())]  # annotate mode writes these too
     kept = [s for s in written if s not in unkept]
     dropped = sampled.dropped + unkept
@@ -417,11 +433,6 @@ def grids(sampled: Sampled, name: str | None, rules: tuple[KeepRule, ...]) -> st
               if sampled.dropped_images else
               "Dropped samples are shown from NAME_dropped.jsonl, captions and scores only: their images are not "
               "kept. Run with --keep-dropped to keep them (in OUTPUT/.dropped/) and see them here.")
-    drawn = (f"<p>From the first {SAMPLES_PER_SHARD} samples of each of {len(sampled.shards)} shard(s) drawn at "
-             f"random: {e(', '.join(sampled.shards))}.</p>")
-    unreadable = "".join(f"<li>{e(name)}: {e(error)}</li>" for name, error in sampled.unreadable.items())
-    if unreadable:
-        drawn += f'<p>Shards that broke off while the report read them:</p><ul id="unreadable-shards">{unreadable}</ul>'
     parts = [drawn, f'<p id="dropped-source">{e(source)}</p>',
              grid("best", f"Best kept, by {name}", best[:GRID_SIZE], name),
              grid("dropped", "Dropped", rng.sample(dropped, min(GRID_SIZE, len(dropped))), name),

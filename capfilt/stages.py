@@ -154,11 +154,12 @@ def best_of(values: list[float]) -> float:
 class KeepStage(Stage):
     """Applies the keep rules to every caption's scores: marks which captions are kept, ranks them, and drops
     images with no kept caption (in `drop` mode). An image with no caption at all cannot be judged and is
-    rejected."""
+    rejected. Without rules (a run scored for `capfilt select --keep-top`) it judges nothing and drops nothing:
+    it counts the captions scored and rejects what select could not judge either."""
 
     name = "keep"
 
-    def __init__(self, rules: KeepRules, mode: FilterMode) -> None:
+    def __init__(self, rules: KeepRules | None, mode: FilterMode) -> None:
         self.rules = rules
         self.mode = mode
 
@@ -172,6 +173,10 @@ class KeepStage(Stage):
             distinct = {}
             for caption in captions:
                 distinct.setdefault(caption.text, caption.scores)
+            if self.rules is None:
+                stats.captions_scored += len(distinct)
+                result.samples.append(sample)
+                continue
             kept, sample.ranking = self.rules.judge(list(distinct.items()))
             if sample.web_caption is not None:
                 sample.web_kept = kept[sample.web_caption]

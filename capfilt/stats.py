@@ -131,11 +131,15 @@ class RunSummary(Counts):
     seconds: float = 0.0
     # The keep rules the counts follow.
     keep: list[str] = field(default_factory=list)
+    # The top fractions (NAME:FRACTION) the output is scored for, judging nothing: `capfilt select` keeps them.
+    select_top: list[str] = field(default_factory=list)
 
     @classmethod
-    def merge(cls, shard_stats: list[ShardStats], seconds: float, keep: Sequence[str] = ()) -> RunSummary:
-        """The shards' stats summed, for a run whose keep rules were `keep`."""
-        summary = cls(shards=len(shard_stats), seconds=round(seconds, 3), keep=list(keep))
+    def merge(cls, shard_stats: list[ShardStats], seconds: float, keep: Sequence[str] = (),
+              select_top: Sequence[str] = ()) -> RunSummary:
+        """The shards' stats summed, for a run whose keep rules were `keep` (or that was scored for the top
+        fractions `select_top`)."""
+        summary = cls(shards=len(shard_stats), seconds=round(seconds, 3), keep=list(keep), select_top=list(select_top))
         reasons: Counter[str] = Counter()
         truncated: Counter[str] = Counter()
         merged: dict[str, dict[str, Counter[str]]] = {"histograms": {}, "web_histograms": {}, "best_histograms": {}}

@@ -90,6 +90,8 @@ class ShardWorker:
             stages.append(ScoreStage(filter_, named))
         if c.keep is not None:
             stages.append(KeepStage(KeepRules.parse(c.keep, c.keep_best), c.mode))
+        elif c.keep_top:  # scored for select's top fractions: nothing judged here
+            stages.append(KeepStage(None, c.mode))
         return stages
 
     def close(self) -> None:

@@ -145,6 +145,9 @@ def test_every_shipped_preset_is_a_valid_recipe():
         rules = KeepRules.parse(preset.keep, preset.keep_best)
         scores = {score.name: score for model in preset.filters for score in family(model).scores}
         rules.check(scores, f"{name}'s filter computes")
+        assert all(KeepTop.parse(top).score in scores for top in preset.keep_top)
+    datacomp = load_preset("datacomp")  # DataComp's top 30%, which select keeps over the whole pool
+    assert (datacomp.keep, datacomp.keep_top) == ((), ("clip:0.3",))
     coco = load_preset("laion-coco")
     assert (coco.num_captions, coco.keep_best, coco.filters) == (40, 1, ("openai/clip-vit-large-patch14",))
     assert load_preset("laion-clip").keep == ("clip>=0.28",) and load_preset("laion-clip").captioner is None

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 import capfilt
 from capfilt.cli import app
+from capfilt.demo.tiny_clip import build_tiny_clip
 from capfilt.errors import OutputError
 from capfilt.formats import FORMATS
 from capfilt.formats.base import Format
@@ -240,3 +241,19 @@ def test_a_shard_damaged_since_the_run_costs_the_page_its_samples_only(reported,
     page = Path(write_report(str(out))).read_text()
     assert 'id="unreadable-shards"' in page and "<li>00001: " in page
     assert f'data-count="read">{reported[1].read}<' in page
+
+
+def test_a_run_that_judged_nothing_shows_its_samples_by_score_and_what_it_is_scored_for(tmp_path):
+    """A `datacomp`-like preset scores every pair and leaves the top fraction to select: the page has no
+    "dropped" grid (nothing was dropped) but the highest and lowest scored samples, and says what is pending."""
+    clip = build_tiny_clip(tmp_path / "clip", seed=0)
+    preset = tmp_path / "top.toml"
+    preset.write_text(f'description = "top 30% by CLIP"\nfilters = ["{clip}"]\nkeep_top = ["clip:0.3"]\n')
+    write_webdataset_shards(tmp_path / "in", shape_items(8), samples_per_shard=4)
+    capfilt.run(str(tmp_path / "in"), str(tmp_path / "out"), "filter", preset=str(preset), device="cpu",
+                dtype="fp32", report=True)
+    page = (tmp_path / "out" / "report.html").read_text()
+    tags = parse(page)
+    assert [attrs["id"] for tag, attrs in tags.tags if tag == "section"] == ["highest", "lowest", "rejects"]
+    assert "<b>scored for</b> the top 30% by clip (capfilt select keeps it)" in page
+    assert [attrs["data-score"] for tag, attrs in tags.tags if tag == "svg" and attrs.get("class") == "histogram"] == ["clip"]

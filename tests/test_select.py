@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import capfilt
+from capfilt.demo.tiny_clip import build_tiny_clip
 from capfilt.formats import FORMATS
 from capfilt.output import RUN_FILE
 from capfilt.sample import Sample
@@ -99,6 +100,35 @@ def test_keep_top_is_exact_over_the_whole_input(tmp_path):
     # with another rule, both hold
     capfilt.run(str(tmp_path / "scored"), str(tmp_path / "both"), "select", keep=["clip<0.7"], keep_top=["clip:0.3"])
     assert sorted(s.web_scores["clip"] for s in _read(tmp_path / "both")) == sorted(scores)[-6:-2]
+
+
+def test_a_run_scored_for_a_top_fraction_judges_nothing_and_select_keeps_it(tmp_path):
+    """DataComp's recipe as a preset (`keep_top`, as `datacomp`'s): the scoring run writes every captioned sample
+    with its score and judges none; `select` with no flag keeps the top fraction the run recorded, exactly as
+    `--keep-top` does."""
+    clip = build_tiny_clip(tmp_path / "clip", seed=0)
+    preset = tmp_path / "top.toml"
+    preset.write_text(f'description = "top 30% by CLIP"\nfilters = ["{clip}"]\nkeep_top = ["clip:0.3"]\n')
+    write_webdataset_shards(tmp_path / "in", shape_items(12), samples_per_shard=4)
+    scored = capfilt.run(str(tmp_path / "in"), str(tmp_path / "scored"), "filter", preset=str(preset),
+                         device="cpu", dtype="fp32")
+    assert (scored.read, scored.written, scored.dropped, scored.rejected) == (12, 9, 0, 3)  # 3 have no caption
+    assert scored.select_top == ["clip:0.3"] and (scored.captions_scored, scored.captions_kept) == (9, 0)
+    samples = _read(tmp_path / "scored")
+    assert all(s.web_kept is None and "clip" in s.web_scores for s in samples)  # scored, not judged
+    top = capfilt.run(str(tmp_path / "scored"), str(tmp_path / "top"), "select")
+    explicit = capfilt.run(str(tmp_path / "scored"), str(tmp_path / "explicit"), "select", keep_top=["clip:0.3"])
+    assert (top.written, top.dropped) == (explicit.written, explicit.dropped) == (3, 6)  # round(0.3 * 9)
+    assert _files(tmp_path / "top") == _files(tmp_path / "explicit")
+    best = sorted(s.web_scores["clip"] for s in samples)[-3:]
+    assert sorted(s.web_scores["clip"] for s in _read(tmp_path / "top")) == best
+    # Selecting again from the selection keeps it whole: its threshold rule, not another top 30% of it.
+    again = capfilt.run(str(tmp_path / "top"), str(tmp_path / "again"), "select")
+    assert (again.written, again.dropped) == (3, 0)
+    # Rules given on the command line replace the preset's recipe, as they replace its `keep`.
+    ruled = capfilt.run(str(tmp_path / "in"), str(tmp_path / "ruled"), "filter", preset=str(preset),
+                        keep=["clip>=-1"], device="cpu", dtype="fp32")
+    assert ruled.select_top == [] and ruled.captions_kept == 9
 
 
 def _tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
