@@ -62,7 +62,7 @@ OPTIONS: list[Option] = [
            KEEP, "all that pass"),
     Option("keep_top", list[str] | None, None,
            "SCORE:FRACTION: keep captions in the top FRACTION of SCORE over the whole input; repeatable.",
-           frozenset({Command.select}), "none"),
+           frozenset({Command.select}), "the rules, else the top fractions, the input's run recorded"),
     Option("threshold", float | None, None, "Shorthand for --keep 'itm>=VALUE' (BLIP's ITM probability).", FILTER,
            "preset's rules"),
     Option("itc_threshold", float | None, None, "Shorthand for --keep 'itc>=VALUE' (BLIP's ITC cosine).", FILTER,
