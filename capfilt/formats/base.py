@@ -193,18 +193,30 @@ def _is_text(name: str) -> bool:
     return True
 
 
+def list_named(fs: AbstractFileSystem, directory: str, suffixes: tuple[str, ...]) -> list[str]:
+    """Paths of the non-hidden entries directly in `directory` whose names end with one of `suffixes`: files,
+    and anything else so named (a folder, a broken link), which then fails as a shard instead of vanishing."""
+    paths = [entry["name"] for entry in fs.ls(directory, detail=True)]
+    return [path for path in paths if (name := posixpath.basename(path.rstrip("/"))).endswith(suffixes)
+            and not name.startswith(".")]
+
+
 class Format(ABC):
+    """A dataset format. Its shards are files named with one of `suffixes` (webdataset, Parquet), unless the
+    format lists them its own way (image folders)."""
+
     name: str
     # File name endings of this format's shards, longest first; empty for a format whose shards are folders.
     suffixes: tuple[str, ...] = ()
 
-    @abstractmethod
     def detect(self, fs: AbstractFileSystem, directory: str) -> bool:
         """Whether `directory` holds a dataset in this format."""
+        return bool(self.list_shards(fs, directory))
 
-    @abstractmethod
     def list_shards(self, fs: AbstractFileSystem, directory: str) -> list[Shard]:
         """The shards of a dataset directory, sorted by name."""
+        paths = list_named(fs, directory, self.suffixes)
+        return sorted((self.shard_from_path(path) for path in paths), key=lambda shard: shard.name)
 
     @abstractmethod
     def shard_from_path(self, path: str) -> Shard:

@@ -36,7 +36,7 @@ from fsspec import AbstractFileSystem
 from capfilt.decode import sniff_image_ext
 from capfilt.errors import ShardReadError
 from capfilt.formats.base import Format, Shard, ShardWriter, TableLayout, restore_fields, temporary_path
-from capfilt.formats.webdataset import IMAGE_EXTS, json_bytes, list_named
+from capfilt.formats.webdataset import IMAGE_EXTS, json_bytes
 from capfilt.sample import Reject, Sample
 from capfilt.schema import arrow_fields, arrow_values, is_capfilt_field, score_names
 
@@ -57,13 +57,6 @@ _ROW_GROUP_BYTES = 64 * 1024 * 1024
 class ParquetFormat(Format):
     name = "parquet"
     suffixes = (".parquet",)
-
-    def detect(self, fs: AbstractFileSystem, directory: str) -> bool:
-        return bool(self.list_shards(fs, directory))
-
-    def list_shards(self, fs: AbstractFileSystem, directory: str) -> list[Shard]:
-        paths = list_named(fs, directory, self.suffixes)
-        return sorted((self.shard_from_path(p) for p in paths), key=lambda shard: shard.name)
 
     def shard_from_path(self, path: str) -> Shard:
         name = posixpath.basename(path)

@@ -123,13 +123,6 @@ class WebDatasetFormat(Format):
     name = "webdataset"
     suffixes = (".tar.gz", ".tgz", ".tar")
 
-    def detect(self, fs: AbstractFileSystem, directory: str) -> bool:
-        return bool(self.list_shards(fs, directory))
-
-    def list_shards(self, fs: AbstractFileSystem, directory: str) -> list[Shard]:
-        paths = list_named(fs, directory, self.suffixes)
-        return sorted((self.shard_from_path(p) for p in paths), key=lambda shard: shard.name)
-
     def shard_from_path(self, path: str) -> Shard:
         name = _basename(path)
         for suffix in self.suffixes:
@@ -208,13 +201,6 @@ def list_files(fs: AbstractFileSystem, directory: str) -> list[str]:
     """Paths of the regular, non-hidden files directly in `directory`."""
     entries = fs.ls(directory, detail=True)
     return [e["name"] for e in entries if e["type"] == "file" and not _basename(e["name"]).startswith(".")]
-
-
-def list_named(fs: AbstractFileSystem, directory: str, suffixes: tuple[str, ...]) -> list[str]:
-    """Paths of the non-hidden entries directly in `directory` whose names end with one of `suffixes`: files,
-    and anything else so named (a folder, a broken link), which then fails as a shard instead of vanishing."""
-    names = [e["name"] for e in fs.ls(directory, detail=True)]
-    return [n for n in names if _basename(n).endswith(suffixes) and not _basename(n).startswith(".")]
 
 
 def _basename(path: str) -> str:
