@@ -28,21 +28,11 @@ import pyarrow.parquet as pq
 import webdataset
 from PIL import Image
 
+from capfilt.demo.examples import DOWNLOAD_FIELDS
+
 ImageLike = Image.Image | bytes | None
 Item = tuple[str, ImageLike, str | None, dict[str, Any] | None]
 
-# img2dataset's metadata columns and their Arrow types (besides url, caption and the extra columns).
-_STATUS_FIELDS = [
-    ("key", pa.string()),
-    ("status", pa.string()),
-    ("error_message", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("original_width", pa.int32()),
-    ("original_height", pa.int32()),
-    ("exif", pa.string()),
-    ("sha256", pa.string()),
-]
 
 HF_FEATURES = {"image": {"_type": "Image"}, "text": {"dtype": "string", "_type": "Value"}}
 
@@ -219,7 +209,7 @@ def write_files_dataset(
 def _metadata_table(shard: Sequence[Item]) -> pa.Table:
     rows = [img2dataset_metadata(item) for item in shard]
     names = list(dict.fromkeys(name for row in rows for name in row))
-    types = dict(_STATUS_FIELDS)
+    types = dict(DOWNLOAD_FIELDS)  # img2dataset's columns besides url, caption and extra ones
     columns = {}
     for name in names:
         values = [row.get(name) for row in rows]

@@ -35,22 +35,20 @@ IMAGE_SIZE = 128
 JPEG_QUALITY = 85
 # A fixed, plausible download time, so that the stats files do not change from run to run.
 START_TIME = 1_700_000_000.0
+# What img2dataset's download adds to each sample's metadata, with its Arrow types.
+DOWNLOAD_FIELDS = [
+    ("key", pa.string()),
+    ("status", pa.string()),
+    ("error_message", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("original_width", pa.int32()),
+    ("original_height", pa.int32()),
+    ("exif", pa.string()),
+    ("sha256", pa.string()),
+]
 # img2dataset's per-shard metadata columns: the input's caption and url, then what the download added.
-METADATA_SCHEMA = pa.schema(
-    [
-        ("caption", pa.string()),
-        ("url", pa.string()),
-        ("key", pa.string()),
-        ("status", pa.string()),
-        ("error_message", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("original_width", pa.int32()),
-        ("original_height", pa.int32()),
-        ("exif", pa.string()),
-        ("sha256", pa.string()),
-    ]
-)
+METADATA_SCHEMA = pa.schema([("caption", pa.string()), ("url", pa.string()), *DOWNLOAD_FIELDS])
 # Each kind of web caption and its share of a shard's rows.
 CAPTION_SHARES = (("right", 0.4), ("another picture's", 0.3), ("junk", 0.2), ("empty", 0.05), ("missing", 0.05))
 DOWNLOAD_SECONDS = 1.5
