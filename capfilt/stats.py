@@ -104,6 +104,19 @@ def occupied_range(counts: np.ndarray, low: float, high: float, marks: list[floa
     return first, last
 
 
+def histogram_top_threshold(counts: np.ndarray, low: float, high: float, fraction: float) -> float | None:
+    """Where the top `fraction` of the counted scores begins, to the bin width: the lower edge of the bin in
+    which the `round(fraction * total)`-th highest score falls (`capfilt select --keep-top` finds it exactly).
+    None without any count."""
+    total = int(counts.sum())
+    if total == 0:
+        return None
+    wanted = min(total, max(1, round(fraction * total)))
+    from_top = np.cumsum(counts[::-1])
+    index = HISTOGRAM_BINS - 1 - int(np.searchsorted(from_top, wanted, side="left"))
+    return low + index * (high - low) / HISTOGRAM_BINS
+
+
 def rebinned(counts: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """The fine bins summed into columns: column i holds the bins [edges[i], edges[i + 1])."""
     return np.array([counts[start:end].sum() for start, end in itertools.pairwise(edges)])

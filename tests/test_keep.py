@@ -7,10 +7,13 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from capfilt.errors import ConfigError
 from capfilt.keep import KeepRule, KeepRules, KeepTop, top_threshold
 from capfilt.scores import Score
+from capfilt.stats import HISTOGRAM_BINS, add_to_histogram, dense, histogram_top_threshold
 
 SCORES = {"itm": Score("itm", 0.0, 1.0, "probability"), "clip": Score("clip", -1.0, 1.0, "cosine")}
 CAPTIONS = [  # one image's distinct captions, web first
@@ -90,6 +93,18 @@ def test_top_threshold_keeps_the_top_fraction_exactly():
     for text in ("clip", "clip:0", "clip:1.5", "clip:x"):
         with pytest.raises(ConfigError, match="--keep-top"):
             KeepTop.parse(text)
+
+
+@given(st.lists(st.floats(-1.0, 1.0), min_size=1, max_size=300), st.floats(0.01, 1.0))
+def test_the_histograms_top_threshold_is_the_exact_one_to_a_bin(values, fraction):
+    """What the report marks for a pending --keep-top, from the run's merged histogram, is the bin of the exact
+    threshold select computes over every score."""
+    histogram: dict[str, int] = {}
+    add_to_histogram(histogram, values, -1.0, 1.0)
+    marked = histogram_top_threshold(dense(histogram), -1.0, 1.0, fraction)
+    exact = top_threshold(values, fraction)
+    width = 2.0 / HISTOGRAM_BINS
+    assert marked <= exact + 1e-12 and exact - marked < width + 1e-12
 
 
 def _capfilt(*args: str) -> subprocess.CompletedProcess:

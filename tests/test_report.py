@@ -21,9 +21,9 @@ from capfilt.demo.tiny_clip import build_tiny_clip
 from capfilt.errors import OutputError
 from capfilt.formats import FORMATS
 from capfilt.formats.base import Format
-from capfilt.output import OutputDirectory
+from capfilt.output import SUMMARY_FILE, OutputDirectory
 from capfilt.report import SAMPLED_SHARDS, write_report
-from capfilt.stats import RunSummary
+from capfilt.stats import HISTOGRAM_BINS, RunSummary
 from tests.conftest import shape_items
 from tests.datasets import write_webdataset_shards
 
@@ -257,3 +257,11 @@ def test_a_run_that_judged_nothing_shows_its_samples_by_score_and_what_it_is_sco
     assert [attrs["id"] for tag, attrs in tags.tags if tag == "section"] == ["highest", "lowest", "rejects"]
     assert "<b>scored for</b> the top 30% by clip (capfilt select keeps it)" in page
     assert [attrs["data-score"] for tag, attrs in tags.tags if tag == "svg" and attrs.get("class") == "histogram"] == ["clip"]
+    # The red line: where the top 30% begins, from the merged histogram, within a bin of what select finds.
+    [marked] = {text for text in tags.text if text.startswith("clip>=")}  # the line's title and label
+    summary = RunSummary.from_record(json.loads((tmp_path / "out" / SUMMARY_FILE).read_text()))
+    low, high = summary.score_ranges["clip"]
+    selected = capfilt.run(str(tmp_path / "out"), str(tmp_path / "top"), "select")
+    [exact] = [rule for rule in selected.keep if rule.startswith("clip>=")]
+    assert float(marked.removeprefix("clip>=")) == pytest.approx(float(exact.removeprefix("clip>=")),
+                                                                 abs=(high - low) / HISTOGRAM_BINS + 1e-4)
