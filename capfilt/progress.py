@@ -144,7 +144,7 @@ def summary_table(summary: RunSummary, samples_this_run: int | None = None) -> T
     for name, quantiles in summary.score_quantiles.items():
         rows.append((f"{name} score quantiles", "  ".join(f"{q} {v:.3f}" for q, v in quantiles.items())))
     rows += [(f"  failed shard {name}", error) for name, error in summary.failed_shards.items()]
-    rows += [("scored for", f"{KeepTop.parse(top).described()}: capfilt select OUTPUT SELECTED keeps it")
+    rows += [("scored for", f"{KeepTop.parse(top).described()} (capfilt select keeps it)")
              for top in summary.select_top]
     for what, value in rows:
         table.add_row(what, Text(str(value)))
@@ -158,8 +158,9 @@ BLOCKS = " ▁▂▃▄▅▆▇█"
 
 def histogram_rows(summary: RunSummary, width: int = 48) -> list[tuple[str, str]]:
     """A text histogram of the main score (the first rule's, else the first computed) over the range its
-    captions span, and a line marking the rule's threshold."""
-    rules = [KeepRule.parse(rule) for rule in summary.keep]
+    captions span, and a line marking the rule's threshold (or where the top fraction the run is scored for
+    begins)."""
+    rules = [KeepRule.parse(rule) for rule in summary.marked_rules()]
     name = rules[0].score if rules else next(iter(summary.histograms), None)
     if name is None or name not in summary.histograms or name not in summary.score_ranges:
         return []

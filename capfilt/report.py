@@ -45,7 +45,7 @@ from capfilt.output import DROPPED_DIR, LOCK_FILE, RUN_FILE, SUMMARY_FILE, held_
 from capfilt.paths import open_output, resolve_input
 from capfilt.sample import Caption, Reject, Sample
 from capfilt.schema import sample_from_dropped_record
-from capfilt.stats import HISTOGRAM_BINS, RunSummary, dense, histogram_top_threshold, occupied_range, rebinned
+from capfilt.stats import HISTOGRAM_BINS, RunSummary, dense, occupied_range, rebinned
 
 REPORT_FILE = "report.html"
 SAMPLED_SHARDS = 4  # shards whose first samples fill the grids
@@ -222,8 +222,9 @@ def render(output: str, settings: dict[str, Any], summary: RunSummary, sampled: 
     if summary.histograms:
         marked, marks = rules.rules, "the keep rule"
         if not marked and summary.select_top:  # nothing judged: mark where each top fraction pending begins
-            marked, marks = top_fraction_rules(summary), ("where the top fraction the run is scored for begins, to "
-                                                          "the histogram's bin (capfilt select finds it exactly)")
+            marked = tuple(map(KeepRule.parse, summary.marked_rules()))
+            marks = ("where the top fraction the run is scored for begins, to the histogram's bin (capfilt select "
+                     "finds it exactly)")
         plots = "".join(score_plots(name, summary, marked) for name in summary.histograms)
         parts.append(section("Scores", '<p>Histograms of every scored caption, web and synthetic apart, with '
                              f'{e(marks)} in red; what-if curves: the fraction of captions and of images (by their '
@@ -238,18 +239,6 @@ def render(output: str, settings: dict[str, Any], summary: RunSummary, sampled: 
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
             f'<meta http-equiv="Content-Security-Policy" content="{policy}">\n'
             f'<title>capfilt report: {e(output)}</title>\n<style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n')
-
-
-def top_fraction_rules(summary: RunSummary) -> tuple[KeepRule, ...]:
-    """`NAME>=value` for each top fraction the run is scored for, its value from the run's merged histogram."""
-    rules = []
-    for top in map(KeepTop.parse, summary.select_top):
-        if top.score in summary.histograms and top.score in summary.score_ranges:
-            value = histogram_top_threshold(dense(summary.histograms[top.score]), *summary.score_ranges[top.score],
-                                            top.fraction)
-            if value is not None:
-                rules.append(KeepRule.parse(f"{top.score}>={value:.4g}"))
-    return tuple(rules)
 
 
 def section(title: str, content: str) -> str:

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from capfilt.keep import KeepTop
+
 HISTOGRAM_BINS = 1000
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -176,6 +178,20 @@ class RunSummary(Counts):
         summary.score_quantiles = {name: histogram_quantiles(dense(sparse), *summary.score_ranges[name])
                                    for name, sparse in summary.histograms.items() if name in summary.score_ranges}
         return summary
+
+    def marked_rules(self) -> list[str]:
+        """The rules a plot of the run's scores marks: its keep rules, else, for a run scored for top fractions,
+        `NAME>=value` where each begins (to the histogram's bin)."""
+        if self.keep:
+            return list(self.keep)
+        rules = []
+        for top in map(KeepTop.parse, self.select_top):
+            if top.score in self.histograms and top.score in self.score_ranges:
+                low, high = self.score_ranges[top.score]
+                value = histogram_top_threshold(dense(self.histograms[top.score]), low, high, top.fraction)
+                if value is not None:
+                    rules.append(f"{top.score}>={value:.4g}")
+        return rules
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> RunSummary:

@@ -22,6 +22,7 @@ from capfilt.errors import OutputError
 from capfilt.formats import FORMATS
 from capfilt.formats.base import Format
 from capfilt.output import SUMMARY_FILE, OutputDirectory
+from capfilt.progress import histogram_rows
 from capfilt.report import SAMPLED_SHARDS, write_report
 from capfilt.stats import HISTOGRAM_BINS, RunSummary
 from tests.conftest import shape_items
@@ -265,3 +266,5 @@ def test_a_run_that_judged_nothing_shows_its_samples_by_score_and_what_it_is_sco
     [exact] = [rule for rule in selected.keep if rule.startswith("clip>=")]
     assert float(marked.removeprefix("clip>=")) == pytest.approx(float(exact.removeprefix("clip>=")),
                                                                  abs=(high - low) / HISTOGRAM_BINS + 1e-4)
+    # The end-of-run table marks the same place under its text histogram.
+    assert histogram_rows(summary)[1][0].endswith(f"▲ {marked}")
