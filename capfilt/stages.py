@@ -78,7 +78,7 @@ class ModelStage(Stage):
 
 
 def stack_pixels(samples: list[Sample], model: ImageModel) -> torch.Tensor:
-    return torch.stack([sample.pixels[model.preprocessing] for sample in samples])
+    return model.collate([sample.pixels[model.preprocessing] for sample in samples])
 
 
 class CaptionStage(ModelStage):

@@ -188,6 +188,8 @@ def test_pictures_come_back_whole_from_the_canvas(family):
     assert tuple(image.size for image in back) == spec.fitted_sizes
     if not spec.fixed_size:  # a small picture is kept as decoded
         assert np.array_equal(np.asarray(back[0]), np.asarray(images[0]))
+        # A batch is only as large as its largest picture, not the family's canvas (Qwen's default: 3584 square).
+        assert captioner.preprocess_all(images[:1]).shape == (1, 4, 40, 30)
 
 
 def test_the_batch_is_left_padded_where_rows_differ(family):

@@ -36,8 +36,12 @@ class ImageModel(ABC):
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """One RGB picture → the model's input tensor, on the CPU; called from worker threads."""
 
+    def collate(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """`preprocess` outputs as one batch tensor (a family whose pictures keep their own size pads them)."""
+        return torch.stack(tensors)
+
     def preprocess_all(self, images: list[Image.Image]) -> torch.Tensor:
-        return torch.stack([self.preprocess(image) for image in images])
+        return self.collate([self.preprocess(image) for image in images])
 
 
 class Captioner(ImageModel):

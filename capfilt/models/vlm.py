@@ -71,13 +71,13 @@ class NewTokenNoise(KeyedGumbelNoise):
 class VlmCaptioner(Captioner):
     """Captions of an image-text-to-text model, one chat turn per image: the picture, then the instruction.
 
-    Preprocessing: the pipeline stacks each model's `preprocess` tensors, which must then have one shape, while a
-    VLM's processor turns pictures of different shapes into different numbers of tiles or patches. So `preprocess`
-    keeps the decoded picture itself, fitted into a canvas of the family's size (for Idefics3 a `side` x `side`
-    square, `side` being the longest edge the processor resizes to anyway; aspect ratio kept), with a fourth
-    channel marking where the picture lies; `caption_pixels` cuts each picture out again and hands the batch to
-    the processor. The caption equals generate() on that picture, which for a picture that fits is the decoded
-    picture itself.
+    Preprocessing: the pipeline batches each model's `preprocess` tensors into one tensor, while a VLM's
+    processor turns pictures of different shapes into different numbers of tiles or patches. So `preprocess`
+    keeps the decoded picture itself, fitted into the family's canvas (for Idefics3 a `side` x `side` square,
+    `side` being the longest edge the processor resizes to anyway; aspect ratio kept), with a fourth channel
+    marking where the picture lies; `collate` pads a batch's pictures to its largest, and `caption_pixels` cuts
+    each picture out again and hands the batch to the processor. The caption equals generate() on that picture,
+    which for a picture that fits is the decoded picture itself.
 
     Prompt: `settings.prompt` is the instruction; BLIP's default "a picture of " becomes the family's
     `default_instruction`, and `settings` (recorded beside each caption) says so.
@@ -144,17 +144,25 @@ class VlmCaptioner(Captioner):
         return f"vlm-canvas:{type(self).__name__}:{self.height}x{self.width}:{self.resample.name}"
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """The picture as `fit` makes it, top-left in a uint8 (4, height, width) canvas whose fourth channel is 255
-        where the picture is."""
+        """The picture as `fit` makes it, a uint8 (4, height, width) tensor of its own size whose fourth channel
+        is 255 (it marks the picture once `collate` has padded it)."""
         image = self.fit(image)
-        canvas = torch.zeros(4, self.height, self.width, dtype=torch.uint8)
-        canvas[:3, : image.height, : image.width] = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-        canvas[3, : image.height, : image.width] = 255
-        return canvas
+        picture = torch.full((4, image.height, image.width), 255, dtype=torch.uint8)
+        picture[:3] = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        return picture
+
+    def collate(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The pictures top-left in canvases of the batch's largest height and width, not the family's whole
+        canvas (Qwen's is 3584 pixels square: 51 MB a picture)."""
+        height, width = max(t.shape[1] for t in tensors), max(t.shape[2] for t in tensors)
+        canvases = torch.zeros(len(tensors), 4, height, width, dtype=torch.uint8)
+        for canvas, picture in zip(canvases, tensors):
+            canvas[:, : picture.shape[1], : picture.shape[2]] = picture
+        return canvases
 
     @staticmethod
     def pictures(pixels: torch.Tensor) -> list[Image.Image]:
-        """The pictures `preprocess` put in the stacked canvases."""
+        """The pictures `collate` put in the canvases."""
         images = []
         for canvas in pixels:
             height, width = int(canvas[3, :, 0].count_nonzero()), int(canvas[3, 0].count_nonzero())
@@ -207,9 +215,8 @@ class QwenVlCaptioner(VlmCaptioner):
     processor resizes a picture to multiples of 28 pixels holding between min_pixels and max_pixels pixels
     (`size["shortest_edge"]` and `size["longest_edge"]` are those pixel counts, not edges). The canvas is the
     largest square within max_pixels, so a picture fitted into it is only rounded to the patch grid by the
-    processor, never shrunk again. At Qwen's default max_pixels (12845056) that is a 3584-pixel canvas, 51 MB a
-    picture: set a smaller max_pixels in the checkpoint's preprocessor_config.json (as Qwen's model cards suggest
-    for memory) to shrink it."""
+    processor, never shrunk again. At Qwen's default max_pixels (12845056) that is a 3584-pixel square, but a
+    batch's canvases are only as large as its largest picture (`collate`)."""
 
     def __init__(
         self, model_id: str, settings: DecodingSettings, device: str, dtype: torch.dtype, sdpa: bool = True
