@@ -268,3 +268,13 @@ def test_a_run_that_judged_nothing_shows_its_samples_by_score_and_what_it_is_sco
                                                                  abs=(high - low) / HISTOGRAM_BINS + 1e-4)
     # The end-of-run table marks the same place under its text histogram.
     assert histogram_rows(summary)[1][0].endswith(f"▲ {marked}")
+
+
+def test_a_caption_runs_report_shows_its_samples_not_dropped_ones(tmp_path):
+    """A caption run judges nothing and drops nothing: its page shows the samples with their new captions."""
+    write_webdataset_shards(tmp_path / "in", shape_items(6), samples_per_shard=3)
+    capfilt.run(str(tmp_path / "in"), str(tmp_path / "out"), "caption", preset="demo", batch_size=4, device="cpu",
+                dtype="fp32", num_captions=2, report=True)
+    tags = parse((tmp_path / "out" / "report.html").read_text())
+    assert [attrs["id"] for tag, attrs in tags.tags if tag == "section"] == ["samples", "rejects"]
+    assert sum(tag == "figure" for tag, _ in tags.tags) == 6  # every written sample drawn, with its thumbnail
