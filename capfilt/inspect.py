@@ -97,7 +97,7 @@ def summarize(output: str, storage_options: dict | None = None) -> tuple[RunSumm
     done = {shard.name: directory.shard_stats(shard) for shard in shards}
     missing = [name for name, stats in done.items() if stats is None]
     finished = [stats for stats in done.values() if stats is not None]
-    select_top = settings.get("keep_top") or () if settings.get("command") != "select" else ()
+    select_top = () if settings.get("command") == "select" else (settings.get("keep_top") or ())
     summary = RunSummary.merge(finished, sum(stats.seconds for stats in finished), settings.get("keep") or (),
                                select_top)
     if not missing:
