@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -95,6 +96,26 @@ def distinct_texts(pair_texts: list[str]) -> tuple[list[str], list[int]]:
     texts = list(dict.fromkeys(pair_texts))
     index = {text: position for position, text in enumerate(texts)}
     return texts, [index[text] for text in pair_texts]
+
+
+def no_scores(captions: list[list[str]]) -> list[list[dict[str, float]]]:
+    """`score_pixels`'s answer when it computes nothing: an empty dict per caption."""
+    return [[{} for _ in image_texts] for image_texts in captions]
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """A batch's image-caption pairs (its captions in order): each distinct text once (`texts`), and each pair's
+    index into them (`text`) and its image (`image`), on the device."""
+
+    texts: list[str]
+    text: torch.Tensor
+    image: torch.Tensor
+
+    @classmethod
+    def of(cls, captions: list[list[str]], device: torch.device) -> Pairs:
+        texts, text_of_pair = distinct_texts([text for image_texts in captions for text in image_texts])
+        return cls(texts, torch.tensor(text_of_pair, device=device), torch.tensor(pair_images(captions), device=device))
 
 
 def pair_images(captions: list[list[str]]) -> list[int]:

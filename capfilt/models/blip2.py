@@ -43,7 +43,16 @@ from transformers import (
 )
 
 from capfilt.errors import ModelLoadError
-from capfilt.models.base import Captioner, DecodingSettings, Filter, distinct_texts, longer_than, pair_images, per_image
+from capfilt.models.base import (
+    Captioner,
+    DecodingSettings,
+    Filter,
+    distinct_texts,
+    longer_than,
+    no_scores,
+    pair_images,
+    per_image,
+)
 from capfilt.models.fast_paths import checked, close, same_tokens
 from capfilt.models.image_input import ProcessorImageInput
 from capfilt.models.loading import load_pretrained
@@ -317,7 +326,7 @@ class Blip2Filter(ProcessorImageInput, Filter):
         asked = [score.name for score in self.scores if score.name in names]
         pair_texts = [text for image_texts in captions for text in image_texts]
         if not pair_texts or not asked:
-            return [[{} for _ in image_texts] for image_texts in captions]
+            return no_scores(captions)
         scores = self._pair_scores(self.to_device(pixels), pair_texts, pair_images(captions), asked, self.own_passes)
         columns = {name: values.tolist() for name, values in scores.items()}  # one copy to the host per score
         return per_image([{name: columns[name][pair] for name in asked} for pair in range(len(pair_texts))], captions)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoProcessor, PreTrainedModel
 
 from capfilt.errors import ModelLoadError
-from capfilt.models.base import Filter, distinct_texts, longer_than, pair_images, per_image
+from capfilt.models.base import Filter, Pairs, longer_than, no_scores, per_image
 from capfilt.models.fast_paths import checked, close
 from capfilt.models.image_input import ProcessorImageInput
 from capfilt.models.loading import load_pretrained
@@ -143,22 +143,19 @@ class DualEncoderFilter(ProcessorImageInput, Filter):
         self, pixels: torch.Tensor, captions: list[list[str]], names: Collection[str]
     ) -> list[list[dict[str, float]]]:
         name = self.scores[0].name
-        pair_texts = [text for image_texts in captions for text in image_texts]
-        if not pair_texts or name not in names:
-            return [[{} for _ in image_texts] for image_texts in captions]
-        texts, text_of_pair = distinct_texts(pair_texts)
-        pair_text = torch.tensor(text_of_pair, device=self.device)
-        pair_image = torch.tensor(pair_images(captions), device=self.device)
+        if not any(captions) or name not in names:
+            return no_scores(captions)
+        pairs = Pairs.of(captions, self.device)
         pixels = self.to_device(pixels)
-        token_ids = self.tokenize(texts)
+        token_ids = self.tokenize(pairs.texts)
         if self.own_passes:
             image_feat = self._image_features(pixels)
-            text_feat = torch.empty(len(texts), image_feat.shape[-1], device=self.device)
+            text_feat = torch.empty(len(pairs.texts), image_feat.shape[-1], device=self.device)
             for rows in self.text_passes(token_ids):
                 text_feat[rows] = self._text_features(self.padded([token_ids[row] for row in rows]))
-            scores = self.pair_scores((image_feat[pair_image] * text_feat[pair_text]).sum(dim=-1))
+            scores = self.pair_scores((image_feat[pairs.image] * text_feat[pairs.text]).sum(dim=-1))
         else:
-            scores = self._library_scores(pixels, token_ids, pair_image, pair_text)
+            scores = self._library_scores(pixels, token_ids, pairs.image, pairs.text)
         # One copy to the host for the whole batch.
         return per_image([{name: value} for value in scores.tolist()], captions)
 

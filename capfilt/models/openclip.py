@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from capfilt.errors import ModelLoadError
-from capfilt.models.base import Filter, distinct_texts, longer_than, pair_images, per_image
+from capfilt.models.base import Filter, Pairs, longer_than, no_scores, per_image
 from capfilt.models.loading import first_line, offline_unless_hub_reachable
 from capfilt.models.registry import register_filter
 from capfilt.scores import Score
@@ -131,16 +131,13 @@ class OpenClipFilter(Filter):
         self, pixels: torch.Tensor, captions: list[list[str]], names: Collection[str]
     ) -> list[list[dict[str, float]]]:
         name = self.scores[0].name
-        pair_texts = [text for image_texts in captions for text in image_texts]
-        if not pair_texts or name not in names:
-            return [[{} for _ in image_texts] for image_texts in captions]
-        texts, text_of_pair = distinct_texts(pair_texts)
-        pair_text = torch.tensor(text_of_pair, device=self.device)
-        pair_image = torch.tensor(pair_images(captions), device=self.device)
+        if not any(captions) or name not in names:
+            return no_scores(captions)
+        pairs = Pairs.of(captions, self.device)
         image_features = self.image_features(pixels)
-        text_features = torch.cat([self.text_features(texts[start : start + self.text_batch_size])
-                                   for start in range(0, len(texts), self.text_batch_size)])
-        values = (image_features[pair_image] * text_features[pair_text]).sum(dim=-1).tolist()
+        text_features = torch.cat([self.text_features(pairs.texts[start : start + self.text_batch_size])
+                                   for start in range(0, len(pairs.texts), self.text_batch_size)])
+        values = (image_features[pairs.image] * text_features[pairs.text]).sum(dim=-1).tolist()
         return per_image([{name: value} for value in values], captions)
 
     def truncated(self, texts: list[str]) -> list[bool]:
