@@ -1,5 +1,5 @@
-"""What the filter families' tests share: their scores as plain numbers, how far two sets of them differ, and a
-bootstrap run with a tiny BLIP captioner and the family's filter, read back."""
+"""What the model families' tests share: pictures of several sizes, scores as plain numbers, how far two sets
+of them differ, and a bootstrap run with a tiny BLIP captioner and the family's filter, read back."""
 
 from __future__ import annotations
 
@@ -8,10 +8,19 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 import capfilt
 from capfilt.stats import RunSummary
 from tests.conftest import shape_items
 from tests.datasets import write_webdataset_shards
+
+
+def pictures(count: int) -> list[Image.Image]:
+    """`count` random pictures, each of another size (29 x 47 pixels, then taller and narrower)."""
+    rng = np.random.default_rng(7)
+    return [Image.fromarray(rng.integers(0, 256, (29 + 11 * i, 47 - 5 * i, 3), dtype=np.uint8)) for i in range(count)]
 
 
 def values(scores: list[list[dict[str, float]]], name: str) -> list[list[float]]:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -19,7 +18,7 @@ from capfilt.demo.tiny_blip2 import TEXT_POSITIONS, build_tiny_blip2
 from capfilt.errors import ModelLoadError
 from capfilt.models import filter_family, load_filter
 from capfilt.models.blip2 import Blip2Filter
-from tests.scoring import bootstrap_with_filter, max_difference, values
+from tests.scoring import bootstrap_with_filter, max_difference, pictures, values
 
 LONG_CAPTION = " ".join(["a small red circle next to a big blue square on a white background"] * 3)
 # Several pictures, 0 to 3 captions each, a caption the tokenizer truncates, texts repeated within and across
@@ -38,11 +37,6 @@ def tiny_blip2(tmp_path_factory) -> str:
 def tiny_blip2_text_only(tmp_path_factory) -> str:
     """A processor without image tokens before the text, and a config without their id."""
     return str(build_tiny_blip2(tmp_path_factory.mktemp("tiny-blip2") / "blip2", seed=4, image_tokens=False))
-
-
-def pictures(count: int) -> list[Image.Image]:
-    rng = np.random.default_rng(7)
-    return [Image.fromarray(rng.integers(0, 256, (29 + 11 * i, 47 - 5 * i, 3), dtype=np.uint8)) for i in range(count)]
 
 
 @torch.inference_mode()

@@ -8,7 +8,6 @@ import tarfile
 from collections import Counter
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -31,6 +30,7 @@ from capfilt.models.blip2 import Blip2Captioner, Blip2Filter
 from capfilt.models.sampling import KeyedGumbelNoise, sample_seed
 from tests.conftest import shape_items
 from tests.datasets import write_webdataset_shards
+from tests.scoring import pictures
 
 LANGUAGES = ("opt", "t5")
 PROMPT = "a photo of"
@@ -45,11 +45,6 @@ QUERIES = 4
 def tiny_captioner(request, tmp_path_factory) -> str:
     return str(build_tiny_blip2_captioner(tmp_path_factory.mktemp("tiny-blip2") / request.param, seed=3,
                                           language=request.param, num_query_tokens=QUERIES))
-
-
-def pictures(count: int) -> list[Image.Image]:
-    rng = np.random.default_rng(7)
-    return [Image.fromarray(rng.integers(0, 256, (29 + 11 * i, 47 - 5 * i, 3), dtype=np.uint8)) for i in range(count)]
 
 
 def is_opt(model_dir: str) -> bool:

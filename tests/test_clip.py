@@ -15,7 +15,7 @@ from transformers import AutoProcessor, BertConfig, CLIPModel, CLIPTokenizer, CL
 from capfilt.demo.tiny_clip import END, START, build_tiny_clip
 from capfilt.errors import ModelLoadError
 from capfilt.models.clip import ClipFilter
-from tests.scoring import max_difference, values
+from tests.scoring import max_difference, pictures, values
 
 LONG_CAPTION = " ".join(["a small red circle next to a big blue square on a white background"] * 10)
 
@@ -34,11 +34,6 @@ def clip_filter(tiny_clip) -> ClipFilter:
 def plain(tiny_clip) -> tuple[CLIPModel, object]:
     """The checkpoint loaded the plain way, as its model card shows it."""
     return CLIPModel.from_pretrained(tiny_clip).eval(), AutoProcessor.from_pretrained(tiny_clip)
-
-
-def pictures(count: int) -> list[Image.Image]:
-    rng = np.random.default_rng(7)
-    return [Image.fromarray(rng.integers(0, 256, (29 + 11 * i, 47 - 5 * i, 3), dtype=np.uint8)) for i in range(count)]
 
 
 @torch.inference_mode()

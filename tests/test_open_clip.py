@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,7 +14,7 @@ from PIL import Image
 from capfilt.errors import ModelLoadError
 from capfilt.models import filter_family, load_filter
 from capfilt.models.openclip import OpenClipFilter
-from tests.scoring import bootstrap_with_filter, max_difference, values
+from tests.scoring import bootstrap_with_filter, max_difference, pictures, values
 
 HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None and importlib.util.find_spec("torchvision") is not None
 needs_open_clip = pytest.mark.skipif(not HAS_OPEN_CLIP, reason="open_clip is not installed (pip install 'capfilt[open_clip]')")
@@ -31,11 +30,6 @@ def tiny_open_clip(tmp_path_factory) -> str:
     from capfilt.demo.tiny_open_clip import build_tiny_open_clip
 
     return str(build_tiny_open_clip(tmp_path_factory.mktemp("tiny-open-clip") / "open_clip", seed=3))
-
-
-def pictures(count: int) -> list[Image.Image]:
-    rng = np.random.default_rng(7)
-    return [Image.fromarray(rng.integers(0, 256, (29 + 11 * i, 47 - 5 * i, 3), dtype=np.uint8)) for i in range(count)]
 
 
 @torch.inference_mode()

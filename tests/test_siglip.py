@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,7 +15,7 @@ from capfilt.models import filter_family, load_filter
 from capfilt.models.siglip import SiglipFilter
 from tests.conftest import shape_items
 from tests.datasets import write_webdataset_shards
-from tests.scoring import bootstrap_with_filter, max_difference, values
+from tests.scoring import bootstrap_with_filter, max_difference, pictures, values
 
 LONG_CAPTION = " ".join(["a small red circle next to a big blue square on a white background"] * 5)
 CAPTIONS = [["a red circle", "IMG_2031.JPG", LONG_CAPTION], [], ["a blue square", "a red circle"], [LONG_CAPTION]]
@@ -25,11 +24,6 @@ CAPTIONS = [["a red circle", "IMG_2031.JPG", LONG_CAPTION], [], ["a blue square"
 @pytest.fixture(scope="module")
 def tiny_siglip(tmp_path_factory) -> str:
     return str(build_tiny_siglip(tmp_path_factory.mktemp("tiny-siglip") / "siglip", seed=3))
-
-
-def pictures(count: int) -> list[Image.Image]:
-    rng = np.random.default_rng(7)
-    return [Image.fromarray(rng.integers(0, 256, (29 + 11 * i, 47 - 5 * i, 3), dtype=np.uint8)) for i in range(count)]
 
 
 @torch.inference_mode()
