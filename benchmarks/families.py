@@ -298,20 +298,29 @@ class PlainSiglip2(PlainSiglip):
         self.image_tokens.append(int(inputs["pixel_attention_mask"].sum()))  # the picture's real patches
 
 
-class PlainBlip2Filter(PlainFilter):
-    """The model card's calls: ITM on the image repeated once per caption, ITC on the image and its captions."""
+class Blip2Loading:
+    """Loads a BLIP-2 checkpoint of class `model_class` as its model card does, with what the FLOP estimate
+    counts: the vision tower, the Q-Former's queries and the vision tokens."""
 
-    scores = ("blip2_itm", "blip2_itc")
+    model_class: str
 
     def load(self, model_id: str) -> None:
-        from transformers import AutoProcessor, Blip2ForImageTextRetrieval
+        import transformers
 
-        self.processor = AutoProcessor.from_pretrained(model_id)
-        self.model = Blip2ForImageTextRetrieval.from_pretrained(model_id, dtype=self.dtype).to(self.device).eval()
+        self.processor = transformers.AutoProcessor.from_pretrained(model_id)
+        model_class = getattr(transformers, self.model_class)
+        self.model = model_class.from_pretrained(model_id, dtype=self.dtype).to(self.device).eval()
         self.vision = self.model.vision_model
         config = self.model.config
         self.queries = config.num_query_tokens
         self.patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
+
+
+class PlainBlip2Filter(Blip2Loading, PlainFilter):
+    """The model card's calls: ITM on the image repeated once per caption, ITC on the image and its captions."""
+
+    scores = ("blip2_itm", "blip2_itc")
+    model_class = "Blip2ForImageTextRetrieval"
 
     @torch.inference_mode()
     def score(self, image: Image.Image, texts: list[str]) -> dict[str, list[float]]:
@@ -389,16 +398,8 @@ class PlainCaptioner:
         return 2 * vision * mean(self.image_tokens) + 2 * rest * mean(self.sequence_tokens) * self.settings.num_beams
 
 
-class PlainBlip2Captioner(PlainCaptioner):
-    def load(self, model_id: str) -> None:
-        from transformers import AutoProcessor, Blip2ForConditionalGeneration
-
-        self.processor = AutoProcessor.from_pretrained(model_id)
-        self.model = Blip2ForConditionalGeneration.from_pretrained(model_id, dtype=self.dtype).to(self.device).eval()
-        self.vision = self.model.vision_model
-        config = self.model.config
-        self.queries = config.num_query_tokens
-        self.patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
+class PlainBlip2Captioner(Blip2Loading, PlainCaptioner):
+    model_class = "Blip2ForConditionalGeneration"
 
     @torch.inference_mode()
     def caption(self, image: Image.Image) -> str:
