@@ -405,7 +405,6 @@ def best_score(sample: Sample, name: str | None, kept_only: bool = False) -> flo
 def grids(sampled: Sampled, name: str | None, rules: tuple[KeepRule, ...]) -> str:
     if not sampled.shards:
         return "<p>No shard to draw samples from.</p>"
-    rng = random.Random(0)
     written = sampled.written
     drawn = (f"<p>From the first {SAMPLES_PER_SHARD} samples of each of {len(sampled.shards)} shard(s) drawn at "
              f"random: {e(', '.join(sampled.shards))}.</p>")
@@ -421,6 +420,7 @@ def grids(sampled: Sampled, name: str | None, rules: tuple[KeepRule, ...]) -> st
                           grid("highest", f"Highest by {name}", ranked[:GRID_SIZE], name),
                           grid("lowest", f"Lowest by {name}", ranked[::-1][:GRID_SIZE], name),
                           rejects_grid(sampled.rejects)])
+    rng = random.Random(0)
     unkept = [s for s in written if not any(c.kept for c in s.captions())]  # annotate mode writes these too
     kept = [s for s in written if s not in unkept]
     dropped = sampled.dropped + unkept
